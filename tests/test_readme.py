@@ -1,0 +1,25 @@
+"""The README quickstart is what CI runs: exactly two commands, the second is .ci/run's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^#+\s*Quickstart[^\n]*\n(.*?)(?=^#+ |\Z)", text, re.S | re.M | re.I)
+    assert section, "README has no Quickstart heading"
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", section.group(1), re.S)
+    assert len(blocks) == 1, "Quickstart must hold exactly one code block"
+    return [ln.strip() for ln in blocks[0].splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_quickstart_has_two_commands_and_ci_runs_the_second():
+    cmds = _quickstart_commands()
+    assert len(cmds) == 2, cmds
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert cmds[1] in ci.replace(" -p no:cacheprovider", ""), "'.ci/run' must run the README's test command"
+    assert "dualrerank" in cmds[0]
