@@ -1,0 +1,859 @@
+"""Evaluation metrics and distillation diagnostics: pure functions on tensors.
+
+Everything here is vectorised over the B requests of a batch (loops only over positions
+t <= L), takes explicit boolean masks instead of padding values, validates its inputs and
+raises `DataError` with one line naming the field and the first bad request. Results are
+float64 tensors so that means over many requests do not drift; `batch_mean` turns a
+per-request tensor into one number, leaving out NaN (undefined) requests.
+
+Conventions (the full list, with formulas, is in docs/metrics.md):
+  * a page is a `LongTensor [B, L]` of candidate indices, `page_mask [B, L]` says which
+    positions exist; positions are 1-based in formulas (t = 1..L);
+  * NDCG: gain `2^rel - 1`, discount `1 / log2(t + 1)`; when the ideal DCG is 0 the
+    request scores 0 by default (trec_eval, sklearn), 1 (LightGBM) or NaN (excluded);
+  * score-and-sort ties: candidate index ascending (what `torch.argmax` decoding serves),
+    or pessimistic / optimistic by relevance;
+  * entropies and divergences are in nats.
+
+This module knows nothing about models, decoding or the simulator.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dualrerank.errors import DataError
+
+__all__ = [
+    "ZeroIdcgRule",
+    "TieRule",
+    "batch_mean",
+    "gain",
+    "dcg_discounts",
+    "scores_to_page",
+    "ndcg_at_k",
+    "normalized_utility",
+    "normalized_utility_mean",
+    "auc",
+    "per_request_auc",
+    "grouped_auc",
+    "ptar",
+    "unmasked_argmax",
+    "collapse_rate",
+    "collision_share",
+    "row_distributions",
+    "mean_row_js",
+    "mean_row_entropy",
+    "prefix_masked_probs",
+    "Certificate",
+    "stability_certificate",
+    "distillation_diagnostics",
+]
+
+ZeroIdcgRule = Literal["zero", "one", "nan"]
+TieRule = Literal["index", "pessimistic", "optimistic"]
+
+LN2 = math.log(2.0)
+_F = torch.float64
+
+
+# ---------------------------------------------------------------------------- validation
+def _tensor(name: str, x: object, rank: int, shape: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name}: expected a tensor {shape}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise DataError(f"{name}: expected rank {rank} {shape}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The mask itself, or all-True when None; must be bool and shaped `shape`."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise DataError(f"{name}: must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise DataError(f"{name}: shape {tuple(mask.shape)} != expected {tuple(shape)}")
+    return mask
+
+
+def _same_shape(name: str, x: torch.Tensor, shape: tuple[int, ...], ref: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise DataError(f"{name}: shape {tuple(x.shape)} != {ref} {tuple(shape)}")
+
+
+def _raise_first(bad: torch.Tensor, name: str, what: str) -> None:
+    """Raise for the first request b with `bad[b]` (bad: `[B]` bool)."""
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise DataError(f"{name}: {what} in request {b}")
+
+
+def _check_page(name: str, page: torch.Tensor, page_mask: torch.Tensor, candidate_mask: torch.Tensor) -> torch.Tensor:
+    """Check a page against the candidates; returns it clamped into [0, n) for gathers.
+
+    page, page_mask: `[B, L]`; candidate_mask: `[B, n]`. Masked-out positions may hold
+    anything. Existing positions must point at distinct, existing candidates.
+    """
+    if page.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise DataError(f"{name}: must hold integer candidate indices, got {page.dtype}")
+    n = candidate_mask.shape[1]
+    page = page.to(torch.int64)
+    _raise_first((((page < 0) | (page >= n)) & page_mask).any(dim=1), name, f"candidate index outside [0, {n})")
+    safe = page.clamp(0, max(n - 1, 0))
+    _raise_first((~candidate_mask.gather(1, safe) & page_mask).any(dim=1), name, "points at a padded candidate")
+    L = page.shape[1]
+    same = (safe.unsqueeze(2) == safe.unsqueeze(1)) & page_mask.unsqueeze(2) & page_mask.unsqueeze(1)
+    same &= ~torch.eye(L, dtype=torch.bool, device=page.device)
+    _raise_first(same.any(dim=(1, 2)), name, "repeats a candidate")
+    return safe
+
+
+def _check_k(k: int, name: str = "k") -> int:
+    try:
+        value = operator.index(k)  # accepts numpy integers, rejects floats
+    except TypeError:
+        value = None
+    if isinstance(k, bool) or value is None or value < 1:
+        raise DataError(f"{name}: must be an integer >= 1, got {k!r}")
+    return value
+
+
+def batch_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """Mean of a per-request metric, NaN entries (undefined requests) left out.
+
+    Args:
+        values: `[B]` per-request values; NaN marks a request the metric excludes.
+        weights: optional `[B]` non-negative weights (e.g. number of clicks).
+
+    Returns:
+        the (weighted) mean over the defined requests, NaN when none is defined.
+    """
+    v = _tensor("values", values, 1, "[B]").to(_F)
+    w = torch.ones_like(v) if weights is None else _tensor("weights", weights, 1, "[B]").to(_F)
+    _same_shape("weights", w, tuple(v.shape), "values'")
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise DataError("weights: must be finite and >= 0")
+    keep = ~torch.isnan(v)
+    total = (w * keep).sum()
+    if float(total) == 0.0:
+        return float("nan")
+    return float((torch.where(keep, v, 0.0) * w).sum() / total)
+
+
+# ---------------------------------------------------------------------------- NDCG
+def gain(relevance: torch.Tensor) -> torch.Tensor:
+    """Exponential gain `2^rel - 1`, elementwise (any shape)."""
+    return torch.exp2(relevance.to(_F)) - 1.0
+
+
+def dcg_discounts(length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """`[length]` float64 discounts `1 / log2(t + 1)` for 1-based positions t = 1..length."""
+    t = torch.arange(1, length + 1, dtype=_F, device=device)
+    return 1.0 / torch.log2(t + 1.0)
+
+
+def scores_to_page(
+    scores: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    k: int | None = None,
+    *,
+    ties: TieRule = "index",
+    relevance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score-and-sort: the page of the k highest-scoring valid candidates.
+
+    Tie rule for equal scores:
+      * ``"index"`` (default): lower candidate index first, i.e. a stable sort, which is
+        also what greedy decoding with `torch.argmax` serves;
+      * ``"pessimistic"``: lower relevance first (the worst case over tie orders);
+      * ``"optimistic"``: higher relevance first.
+    Relevance-based rules fall back to candidate index among equal relevance.
+
+    Args:
+        scores: `[B, n]` float scores; values at padded candidates are ignored.
+        candidate_mask: `[B, n]` bool, True where a candidate exists.
+        k: page length (default n); positions beyond a request's valid count are masked.
+        ties: tie rule, see above.
+        relevance: `[B, n]` labels, required by the pessimistic/optimistic rules.
+
+    Returns:
+        page `[B, min(k, n)]` int64 candidate indices and page_mask `[B, min(k, n)]` bool.
+    """
+    scores = _tensor("scores", scores, 2, "[B, n]")
+    if not torch.is_floating_point(scores):
+        raise DataError(f"scores: must be floating point, got {scores.dtype}")
+    B, n = scores.shape
+    mask = _mask("candidate_mask", candidate_mask, (B, n), scores.device)
+    _raise_first((torch.isnan(scores) & mask).any(dim=1), "scores", "NaN score")
+    k = n if k is None else min(_check_k(k), n)
+    # Padding may hold NaN; it is ordered last by the mask key, so any finite value works.
+    keys: list[tuple[torch.Tensor, bool]] = []
+    if ties in ("pessimistic", "optimistic"):
+        if relevance is None:
+            raise DataError(f"ties: rule {ties!r} needs relevance labels")
+        relevance = _tensor("relevance", relevance, 2, "[B, n]")
+        _same_shape("relevance", relevance, (B, n), "scores'")
+        keys.append((torch.where(mask, relevance.to(_F), 0.0), ties == "optimistic"))
+    elif ties != "index":
+        raise DataError(f"ties: {ties!r} is not one of ['index', 'pessimistic', 'optimistic']")
+    keys.append((torch.where(mask, scores, 0.0), True))
+    keys.append((mask.to(torch.int8), True))
+    # Successive stable sorts, least significant key first, give a lexicographic order
+    # whose last resort is the candidate index.
+    perm = torch.arange(n, device=scores.device).expand(B, n)
+    for key, descending in keys:
+        _, order = torch.sort(key.gather(1, perm), dim=1, stable=True, descending=descending)
+        perm = perm.gather(1, order)
+    page = perm[:, :k]
+    page_mask = torch.arange(k, device=scores.device).unsqueeze(0) < mask.sum(dim=1, keepdim=True)
+    return page, page_mask
+
+
+def ndcg_at_k(
+    relevance: torch.Tensor,
+    ranking: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    k: int,
+    *,
+    page_mask: torch.Tensor | None = None,
+    ties: TieRule = "index",
+    zero_idcg: ZeroIdcgRule = "zero",
+) -> torch.Tensor:
+    """NDCG@k of a page (or of score-and-sort) against graded relevance, per request.
+
+    `DCG@k = sum_{t <= min(k, L)} (2^rel(pi_t) - 1) / log2(t + 1)`; the ideal DCG sorts
+    all valid candidates' labels in decreasing order and cuts at k. A page shorter than
+    k is therefore penalised against an ideal of length min(k, n_valid).
+
+    Args:
+        relevance: `[B, n]` graded labels >= 0 (values at padding ignored).
+        ranking: either a page `[B, L]` (integer candidate indices) or scores `[B, n]`
+            (floating point; sorted with the tie rule `ties`, see `scores_to_page`).
+        candidate_mask: `[B, n]` bool, True where a candidate exists.
+        k: cut-off >= 1.
+        page_mask: `[B, L]` bool, positions of the page that exist (pages only).
+        ties: tie rule for equal scores (scores only).
+        zero_idcg: value for requests whose ideal DCG is 0 (no relevant candidate):
+            ``"zero"`` (default, as trec_eval / ir-measures / sklearn), ``"one"`` (as
+            LightGBM / XGBoost), or ``"nan"`` (undefined: `batch_mean` leaves them out).
+
+    Returns:
+        `[B]` float64 NDCG@k in [0, 1].
+    """
+    relevance = _tensor("relevance", relevance, 2, "[B, n]")
+    B, n = relevance.shape
+    mask = _mask("candidate_mask", candidate_mask, (B, n), relevance.device)
+    k = _check_k(k)
+    if zero_idcg not in ("zero", "one", "nan"):
+        raise DataError(f"zero_idcg: {zero_idcg!r} is not one of ['zero', 'one', 'nan']")
+    rel = relevance.to(_F)
+    _raise_first((~torch.isfinite(rel) & mask).any(dim=1), "relevance", "NaN/inf label")
+    _raise_first(((rel < 0) & mask).any(dim=1), "relevance", "negative label")
+    ranking = _tensor("ranking", ranking, 2, "[B, L] page or [B, n] scores")
+    if ranking.shape[0] != B:
+        raise DataError(f"ranking: has {ranking.shape[0]} rows for {B} requests")
+    if ranking.dtype == torch.bool:
+        raise DataError("ranking: must be an integer page or floating-point scores, got bool")
+    if torch.is_floating_point(ranking):
+        if page_mask is not None:
+            raise DataError("page_mask: only meaningful with a page, not with scores")
+        _same_shape("ranking", ranking, (B, n), "relevance's")
+        page, pmask = scores_to_page(ranking, mask, k, ties=ties, relevance=relevance)
+    else:
+        pmask = _mask("page_mask", page_mask, tuple(ranking.shape), ranking.device)
+        page = _check_page("ranking", ranking, pmask, mask)
+
+    g = torch.where(mask, gain(rel), 0.0)
+    L = page.shape[1]
+    cut = min(k, L)
+    page_gain = torch.where(pmask, g.gather(1, page), 0.0)[:, :cut]
+    dcg = (page_gain * dcg_discounts(cut, g.device)).sum(dim=1)
+    m = min(k, n)
+    ideal = torch.sort(g, dim=1, descending=True).values[:, :m]
+    idcg = (ideal * dcg_discounts(m, g.device)).sum(dim=1)
+    fill = {"zero": 0.0, "one": 1.0, "nan": float("nan")}[zero_idcg]
+    return torch.where(idcg > 0, dcg / idcg.clamp_min(torch.finfo(_F).tiny), fill)
+
+
+# ---------------------------------------------------------------------------- utility
+def _utility_inputs(u_page: torch.Tensor, u_random: torch.Tensor, u_oracle: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    u = _tensor("u_page", u_page, 1, "[B]").to(_F)
+    r = _tensor("u_random", u_random, 1, "[B]").to(_F)
+    o = _tensor("u_oracle", u_oracle, 1, "[B]").to(_F)
+    _same_shape("u_random", r, tuple(u.shape), "u_page's")
+    _same_shape("u_oracle", o, tuple(u.shape), "u_page's")
+    for name, x in (("u_page", u), ("u_random", r), ("u_oracle", o)):
+        _raise_first(~torch.isfinite(x), name, "NaN/inf utility")
+    return u, r, o
+
+
+def _degenerate(gap: torch.Tensor, r: torch.Tensor, o: torch.Tensor, eps: float) -> torch.Tensor:
+    # Scale-free: a gap that is a negligible fraction of the utilities themselves carries
+    # no information about how good the page is, whatever the units.
+    return gap <= eps * (o.abs() + r.abs())
+
+
+def normalized_utility(
+    u_page: torch.Tensor,
+    u_random: torch.Tensor,
+    u_oracle: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    degenerate: Literal["nan", "zero"] = "nan",
+) -> torch.Tensor:
+    """Per-request normalized utility `(U(page) - U(random)) / (U(oracle) - U(random))`.
+
+    0 is a random page, 1 the oracle; values can leave [0, 1] (worse than random, or a
+    page beating the near-optimal beam oracle). The ratio is affine-invariant: changing
+    the utility's units or adding a constant does not change it.
+
+    A request is degenerate when `U(oracle) - U(random) <= eps * (|U(oracle)| + |U(random)|)`
+    (every page is about equally good, or the oracle is no better than random): it gets
+    NaN (default; `batch_mean` leaves it out) or 0 with `degenerate="zero"`.
+
+    Args:
+        u_page, u_random, u_oracle: `[B]` expected utilities of the evaluated page, of a
+            random page (its expectation) and of the oracle page, in the same world.
+
+    Returns:
+        `[B]` float64.
+    """
+    u, r, o = _utility_inputs(u_page, u_random, u_oracle)
+    if degenerate not in ("nan", "zero"):
+        raise DataError(f"degenerate: {degenerate!r} is not one of ['nan', 'zero']")
+    gap = o - r
+    bad = _degenerate(gap, r, o, eps)
+    fill = float("nan") if degenerate == "nan" else 0.0
+    return torch.where(bad, fill, (u - r) / torch.where(bad, 1.0, gap))
+
+
+def normalized_utility_mean(
+    u_page: torch.Tensor,
+    u_random: torch.Tensor,
+    u_oracle: torch.Tensor,
+    *,
+    how: Literal["ratio_of_sums", "mean_of_ratios"] = "ratio_of_sums",
+    eps: float = 1e-6,
+) -> float:
+    """Batch normalized utility.
+
+    ``"ratio_of_sums"`` (default): `sum_b (U_b - R_b) / sum_b (O_b - R_b)`, i.e. the
+    normalized utility of the mean utilities. Requests weigh by their attainable gain, so
+    near-degenerate requests cannot blow the mean up, and it equals what a stream of
+    requests earns relative to random and oracle serving. ``"mean_of_ratios"``: the mean
+    of `normalized_utility` over non-degenerate requests (each request counts equally).
+
+    Returns:
+        a float; NaN when the whole batch is degenerate.
+    """
+    if how == "mean_of_ratios":
+        return batch_mean(normalized_utility(u_page, u_random, u_oracle, eps=eps))
+    if how != "ratio_of_sums":
+        raise DataError(f"how: {how!r} is not one of ['ratio_of_sums', 'mean_of_ratios']")
+    u, r, o = _utility_inputs(u_page, u_random, u_oracle)
+    if u.numel() == 0:
+        return float("nan")
+    num, den = (u - r).sum(), (o - r).sum()
+    if bool(_degenerate(den, r.abs().sum(), o.abs().sum(), eps)):
+        return float("nan")
+    return float(num / den)
+
+
+# ---------------------------------------------------------------------------- AUC
+def per_request_auc(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ROC AUC of each request (Mann-Whitney U / (P N), tied scores count 1/2).
+
+    `AUC_b = P(s_pos > s_neg) + 1/2 P(s_pos = s_neg)` over the request's valid positive x
+    negative pairs, computed from mid-ranks in O(n log n).
+
+    Args:
+        scores: `[B, n]` float scores (NaN not allowed where valid; +-inf allowed).
+        labels: `[B, n]` binary labels: bool, or numbers in {0, 1}.
+        mask: `[B, n]` bool, True where an item exists (default: all).
+
+    Returns:
+        `[B]` float64 AUC in [0, 1]; NaN for requests with no positive or no negative.
+    """
+    scores = _tensor("scores", scores, 2, "[B, n]")
+    B, n = scores.shape
+    labels = _tensor("labels", labels, 2, "[B, n]")
+    _same_shape("labels", labels, (B, n), "scores'")
+    mask = _mask("mask", mask, (B, n), scores.device)
+    s = scores.to(_F)
+    _raise_first((torch.isnan(s) & mask).any(dim=1), "scores", "NaN score")
+    lab = labels.to(_F)
+    _raise_first((((lab != 0) & (lab != 1)) & mask).any(dim=1), "labels", "label not in {0, 1}")
+    pos = (lab == 1) & mask
+    neg = (lab == 0) & mask
+    # Padding sorts last as +inf; counts are clamped to the valid count, so a valid +inf
+    # score still only ties with valid +inf scores.
+    filled = torch.where(mask, s, math.inf)
+    sorted_s = torch.sort(filled, dim=1).values.contiguous()
+    n_valid = mask.sum(dim=1, keepdim=True)
+    less = torch.searchsorted(sorted_s, filled.contiguous(), right=False).clamp(max=n_valid)
+    less_eq = torch.searchsorted(sorted_s, filled.contiguous(), right=True).clamp(max=n_valid)
+    midrank = less.to(_F) + (less_eq - less + 1).to(_F) / 2.0
+    P = pos.sum(dim=1).to(_F)
+    N = neg.sum(dim=1).to(_F)
+    u_stat = torch.where(pos, midrank, 0.0).sum(dim=1) - P * (P + 1) / 2
+    ok = (P > 0) & (N > 0)
+    return torch.where(ok, u_stat / torch.where(ok, P * N, 1.0), math.nan)
+
+
+def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Grouped AUC: mean over requests of `per_request_auc`, skipping single-class requests.
+
+    Args: as `per_request_auc` (`[B, n]` each). Returns a float (NaN if every request
+    has a single class).
+    """
+    return batch_mean(per_request_auc(scores, labels, mask))
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Pooled ROC AUC of `[N]` scores against `[N]` binary labels (ties count 1/2).
+
+    Returns NaN when the labels hold a single class (AUC is undefined).
+    """
+    scores = _tensor("scores", scores, 1, "[N]")
+    labels = _tensor("labels", labels, 1, "[N]")
+    _same_shape("labels", labels, tuple(scores.shape), "scores'")
+    return float(per_request_auc(scores.unsqueeze(0), labels.unsqueeze(0))[0])
+
+
+# ---------------------------------------------------------------------------- PTAR
+def ptar(
+    student_pages: torch.Tensor,
+    teacher_pages: torch.Tensor,
+    page_mask: torch.Tensor | None = None,
+    *,
+    k: int = 4,
+) -> dict[str, torch.Tensor | float]:
+    """Position-wise teacher agreement rate between two pages of each request.
+
+    Args:
+        student_pages, teacher_pages: `[B, L]` candidate indices.
+        page_mask: `[B, L]` bool, positions that exist (default: all).
+        k: the short cut-off (default 4, the first viewport).
+
+    Returns:
+        a dict with per-request `[B]` float64 tensors
+          * ``"ptar"``: share of existing positions t <= L where the pages agree,
+          * ``f"ptar@{k}"``: the same over existing positions t <= k,
+          * ``"exact_match"``: 1.0 when every existing position agrees, else 0.0,
+        (NaN for a request with no existing position), ``"agree"`` `[B, L]` bool, and the
+        batch means as floats under the same names with a ``"_mean"`` suffix.
+    """
+    s = _tensor("student_pages", student_pages, 2, "[B, L]")
+    t = _tensor("teacher_pages", teacher_pages, 2, "[B, L]")
+    _same_shape("teacher_pages", t, tuple(s.shape), "student_pages'")
+    for name, x in (("student_pages", s), ("teacher_pages", t)):
+        if torch.is_floating_point(x) or x.dtype == torch.bool:
+            raise DataError(f"{name}: must hold integer candidate indices, got {x.dtype}")
+    k = _check_k(k)
+    pm = _mask("page_mask", page_mask, tuple(s.shape), s.device)
+    agree = (s.to(torch.int64) == t.to(torch.int64)) & pm
+    head = pm.clone()
+    head[:, k:] = False
+
+    def share(sel: torch.Tensor) -> torch.Tensor:
+        count = sel.sum(dim=1).to(_F)
+        return torch.where(count > 0, (agree & sel).sum(dim=1).to(_F) / count.clamp_min(1.0), math.nan)
+
+    full = share(pm)
+    exact = torch.where(torch.isnan(full), math.nan, (full == 1.0).to(_F))
+    out: dict[str, torch.Tensor | float] = {"ptar": full, f"ptar@{k}": share(head), "exact_match": exact, "agree": agree}
+    for name in ("ptar", f"ptar@{k}", "exact_match"):
+        out[f"{name}_mean"] = batch_mean(out[name])  # type: ignore[arg-type]
+    return out
+
+
+# ---------------------------------------------------------------------------- collapse
+def _logits(name: str, x: torch.Tensor, candidate_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _tensor(name, x, 3, "[B, L, n]")
+    if not torch.is_floating_point(x):
+        raise DataError(f"{name}: must be floating point, got {x.dtype}")
+    B, _, n = x.shape
+    mask = _mask("candidate_mask", candidate_mask, (B, n), x.device)
+    bad = (torch.isnan(x) | (x == math.inf)) & mask.unsqueeze(1)
+    _raise_first(bad.any(dim=(1, 2)), name, "NaN or +inf at a valid candidate")
+    return x, mask
+
+
+def unmasked_argmax(logits: torch.Tensor, candidate_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position argmax over valid candidates, with no decoding mask.
+
+    Only padding is excluded; candidates chosen at other positions stay eligible. Ties go
+    to the lowest candidate index (`torch.argmax`).
+
+    Args:
+        logits: `[B, L, n]` row scores (the student's Z).
+        candidate_mask: `[B, n]` bool.
+
+    Returns:
+        `[B, L]` int64 candidate indices.
+    """
+    x, mask = _logits("logits", logits, candidate_mask)
+    _raise_first(mask.sum(dim=1) == 0, "candidate_mask", "no valid candidate")
+    filled = torch.where(mask.unsqueeze(1), x.to(_F), -math.inf)
+    # When every valid logit of a row is -inf, argmax over the filled row could land on
+    # padding; such a row's argmax is its first valid candidate instead.
+    all_neg_inf = torch.isneginf(filled).all(dim=2, keepdim=True)
+    first_valid = mask.to(torch.int8).argmax(dim=1).view(-1, 1).expand(-1, x.shape[1])
+    return torch.where(all_neg_inf.squeeze(2), first_valid, filled.argmax(dim=2))
+
+
+def _collisions(logits: torch.Tensor, candidate_mask: torch.Tensor, position_mask: torch.Tensor | None):
+    """`[B, L, L]` bool: positions s < t (both existing) with the same unmasked argmax."""
+    a = unmasked_argmax(logits, candidate_mask)
+    B, L = a.shape
+    pm = _mask("position_mask", position_mask, (B, L), a.device)
+    same = (a.unsqueeze(2) == a.unsqueeze(1)) & pm.unsqueeze(2) & pm.unsqueeze(1)
+    earlier = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(diagonal=1)
+    return same & earlier, pm
+
+
+def collapse_rate(
+    logits: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    position_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ranking collapse indicator per request (its batch mean is the collapse rate).
+
+    A request has collapsed when the unmasked per-position argmaxes of its logit rows
+    (padding excluded, nothing else masked) pick the same candidate at two or more
+    existing positions: only the decoding mask keeps its page valid.
+
+    Args:
+        logits: `[B, L, n]` row logits; candidate_mask `[B, n]`; position_mask `[B, L]`.
+
+    Returns:
+        `[B]` float64, 1.0 for a collapsed request, else 0.0.
+    """
+    pairs, _ = _collisions(logits, candidate_mask, position_mask)
+    return pairs.any(dim=(1, 2)).to(_F)
+
+
+def collision_share(
+    logits: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    position_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Share of existing positions whose unmasked argmax repeats an earlier position's.
+
+    0 for distinct argmaxes, `(L - 1) / L` when every row picks the same candidate; a
+    graded companion of `collapse_rate`. Shapes as there; returns `[B]` float64 (NaN for
+    a request with no existing position).
+    """
+    pairs, pm = _collisions(logits, candidate_mask, position_mask)
+    repeats = pairs.any(dim=1).sum(dim=1).to(_F)
+    count = pm.sum(dim=1).to(_F)
+    return torch.where(count > 0, repeats / count.clamp_min(1.0), math.nan)
+
+
+def row_distributions(x: torch.Tensor, candidate_mask: torch.Tensor, *, from_logits: bool = True) -> torch.Tensor:
+    """Rows of `[B, L, n]` logits (softmax) or probabilities (renormalised) over valid candidates.
+
+    Returns `[B, L, n]` float64 probabilities, exactly 0 at padding.
+    """
+    name = "logits" if from_logits else "probs"
+    x, mask = _logits(name, x, candidate_mask)
+    m = mask.unsqueeze(1)
+    x = x.to(_F)
+    if from_logits:
+        filled = torch.where(m, x, -math.inf)
+        _raise_first(torch.isneginf(filled).all(dim=2).any(dim=1), name, "a row has no finite logit at a valid candidate")
+        return torch.softmax(filled, dim=2)
+    _raise_first(((x < 0) & m).any(dim=(1, 2)), name, "negative probability")
+    p = torch.where(m, x, 0.0)
+    total = p.sum(dim=2, keepdim=True)
+    _raise_first((total <= 0).any(dim=(1, 2)), name, "a row has no mass on valid candidates")
+    return p / total
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(p, p).sum(dim=-1)
+
+
+def mean_row_js(
+    x: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    position_mask: torch.Tensor | None = None,
+    *,
+    from_logits: bool = True,
+) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence over all pairs of rows (positions), per request.
+
+    `JS(P, Q) = H((P + Q) / 2) - (H(P) + H(Q)) / 2` in nats, in [0, ln 2]: 0 for identical
+    rows (a collapsed student), ln 2 for rows with disjoint support.
+
+    Args:
+        x: `[B, L, n]` logits (or probabilities with `from_logits=False`).
+        candidate_mask: `[B, n]`; position_mask: `[B, L]` positions that exist.
+
+    Returns:
+        `[B]` float64 mean over pairs s < t of existing positions; NaN with fewer than 2.
+    """
+    p = row_distributions(x, candidate_mask, from_logits=from_logits)
+    B, L, _ = p.shape
+    pm = _mask("position_mask", position_mask, (B, L), p.device)
+    h = _entropy(p)
+    total = torch.zeros(B, dtype=_F, device=p.device)
+    count = torch.zeros(B, dtype=_F, device=p.device)
+    for s in range(L - 1):
+        mid = (p[:, s : s + 1] + p[:, s + 1 :]) / 2
+        js = _entropy(mid) - (h[:, s : s + 1] + h[:, s + 1 :]) / 2
+        pair = pm[:, s : s + 1] & pm[:, s + 1 :]
+        total += torch.where(pair, js.clamp(0.0, LN2), 0.0).sum(dim=1)
+        count += pair.sum(dim=1)
+    return torch.where(count > 0, total / count.clamp_min(1.0), math.nan)
+
+
+def mean_row_entropy(
+    x: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    position_mask: torch.Tensor | None = None,
+    *,
+    from_logits: bool = True,
+    normalized: bool = False,
+) -> torch.Tensor:
+    """Mean entropy (nats) of the row distributions over existing positions, per request.
+
+    In [0, ln n_valid]; with `normalized=True` divided by `ln n_valid`, so in [0, 1]
+    (a request with one valid candidate has entropy 0 either way).
+
+    Args: as `mean_row_js`. Returns `[B]` float64 (NaN for no existing position).
+    """
+    p = row_distributions(x, candidate_mask, from_logits=from_logits)
+    B, L, _ = p.shape
+    pm = _mask("position_mask", position_mask, (B, L), p.device)
+    h = _entropy(p).clamp_min(0.0)
+    if normalized:
+        log_n = torch.log(candidate_mask.sum(dim=1).to(_F)).unsqueeze(1)
+        h = torch.where(log_n > 0, h / log_n.clamp_min(1e-300), 0.0)
+    count = pm.sum(dim=1).to(_F)
+    return torch.where(count > 0, torch.where(pm, h, 0.0).sum(dim=1) / count.clamp_min(1.0), math.nan)
+
+
+# ---------------------------------------------------------------------------- certificate
+def prefix_masked_probs(
+    logits: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    path: torch.Tensor,
+    path_mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Step distributions along a path: row t is a softmax over the candidates still free.
+
+    `P[b, t] = softmax_{i valid, i not in path[b, :t]}(logits[b, t] / temperature)`, the
+    distribution decoding uses at step t once `path[b, :t]` is placed. Used for the
+    teacher's `q_t` (its step scores along its own path) and the student's `p_t` (its
+    rows Z_t, masked by the teacher's prefix).
+
+    Args:
+        logits: `[B, L, n]` per-step scores; candidate_mask `[B, n]`;
+        path: `[B, L]` candidate indices; path_mask `[B, L]` positions that exist.
+        temperature: > 0.
+
+    Returns:
+        `[B, L, n]` float64, exactly 0 at padding and at already-placed candidates.
+    """
+    x, mask = _logits("logits", logits, candidate_mask)
+    B, L, n = x.shape
+    path = _tensor("path", path, 2, "[B, L]")
+    _same_shape("path", path, (B, L), "logits' [B, L]")
+    pm = _mask("path_mask", path_mask, (B, L), x.device)
+    safe = _check_page("path", path, pm, mask)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise DataError(f"temperature: must be a finite number > 0, got {temperature!r}")
+    placed = torch.zeros(B, L, n, dtype=torch.bool, device=x.device)
+    placed.scatter_(2, safe.unsqueeze(2), pm.unsqueeze(2))
+    # Exclusive running union: row t sees the items placed at steps < t.
+    before = (placed.to(torch.int32).cumsum(dim=1) - placed.to(torch.int32)) > 0
+    allowed = mask.unsqueeze(1) & ~before
+    filled = torch.where(allowed, x.to(_F) / temperature, -math.inf)
+    _raise_first(torch.isneginf(filled).all(dim=2).any(dim=1), "logits", "a step has no finite logit at a free candidate")
+    return torch.softmax(filled, dim=2)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """Stability certificate of a student against a teacher path (see `stability_certificate`).
+
+    Attributes:
+        delta: `[B, L]` float64 teacher top-1 minus top-2 probability per step.
+        eta: `[B, L]` float64 `KL(q_t || p_t)` in nats (inf where p misses q's support).
+        certified: `[B, L]` bool, `delta_t > sqrt(2 eta_t) + margin` (False at missing steps).
+        prefix: `[B]` int64 number of leading certified steps.
+        length: `[B]` int64 number of existing steps L_b.
+        ptar_lower: `[B]` float64 `prefix / L_b`, a lower bound on PTAR (NaN if L_b = 0).
+    """
+
+    delta: torch.Tensor
+    eta: torch.Tensor
+    certified: torch.Tensor
+    prefix: torch.Tensor
+    length: torch.Tensor
+    ptar_lower: torch.Tensor
+
+    def ptar_lower_at(self, k: int) -> torch.Tensor:
+        """`[B]` lower bound on PTAR@k: `min(prefix, k) / min(L_b, k)`."""
+        k = _check_k(k)
+        denom = self.length.clamp(max=k).to(_F)
+        return torch.where(denom > 0, self.prefix.clamp(max=k).to(_F) / denom.clamp_min(1.0), math.nan)
+
+    def summary(self, k: int = 4) -> dict[str, float]:
+        """Batch means under the names logged by training (docs/metrics.md)."""
+        steps = self.length.sum()
+        return {
+            "cert/prefix": batch_mean(self.prefix.to(_F)),
+            "cert/ptar_lower": batch_mean(self.ptar_lower),
+            f"cert/ptar@{k}_lower": batch_mean(self.ptar_lower_at(k)),
+            "cert/step_share": float(self.certified.sum() / steps) if int(steps) > 0 else math.nan,
+        }
+
+
+def stability_certificate(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    step_mask: torch.Tensor | None = None,
+    *,
+    path: torch.Tensor | None = None,
+    margin: float = 1e-6,
+) -> Certificate:
+    """Certify, step by step, that the student's greedy choice equals the teacher's.
+
+    Claim. Let q, p be distributions over the same n candidates, i the argmax of q,
+    `delta = q_(1) - q_(2)` (top-1 minus top-2 of q) and `eta = KL(q || p)`. If
+    `delta > sqrt(2 eta)`, then `p_i > p_j` for every j != i: the argmax of p is i, and
+    it is unique.
+
+    Proof. Take j != i with `p_j >= p_i`. Since `q_j <= q_(2)`, `q_i - q_j >= delta`, so
+        2 TV(q, p) = sum_l |q_l - p_l| >= (q_i - p_i) + (p_j - q_j)
+                   = (q_i - q_j) + (p_j - p_i) >= delta,
+    i.e. `TV >= delta / 2`. Pinsker: `TV <= sqrt(eta / 2)`. Together
+    `delta <= 2 sqrt(eta / 2) = sqrt(2 eta)`, contradicting the assumption. Moreover, for
+    every j != i, `p_i - p_j >= (q_i - q_j) - |q_i - p_i| - |q_j - p_j| >= delta - 2 TV >=
+    delta - sqrt(2 eta)`, so with the condition `delta > sqrt(2 eta) + margin` the
+    student's own gap exceeds `margin`: the conclusion survives float rounding of p and of
+    the KL sum (`margin` defaults to 1e-6; computations are in float64).
+    The bound is tight in TV (moving delta/2 of mass from i to the runner-up creates a
+    tie) and loose only by Pinsker.
+
+    Along a path. Let q_t be the teacher's step distributions along its greedy path y
+    (masked by y_<t) and p_t the student's distributions *as used for decoding* given the
+    same prefix y_<t (e.g. `prefix_masked_probs(Z, mask, y)`). If steps 1..m are
+    certified, induction on t shows the student's greedy page starts with y_1..y_m: with
+    the same prefix, its step-t distribution is p_t, whose argmax is argmax q_t = y_t.
+    Hence PTAR >= m / L and PTAR@k >= min(m, k) / min(L, k). If `path` is given (e.g. a
+    sampled or logged path instead of the greedy one), a step is certified only where
+    `argmax q_t == path_t`, which keeps the bound valid for any path. Argmaxes do not
+    depend on a temperature shared by q and p, so any common temperature gives a valid
+    certificate (different temperatures give different, all valid, bounds).
+
+    Args:
+        q: `[B, L, n]` teacher step probabilities (renormalised here; zeros allowed).
+        p: `[B, L, n]` student step probabilities, same support convention.
+        step_mask: `[B, L]` bool, existing steps; must be left-aligned (True then False).
+        path: optional `[B, L]` teacher path the pages are compared against.
+        margin: safety margin >= 0 on the certificate condition.
+
+    Returns:
+        a `Certificate` (per-step delta, eta, certified; per-request prefix, ptar_lower).
+    """
+    q = _tensor("q", q, 3, "[B, L, n]")
+    p = _tensor("p", p, 3, "[B, L, n]")
+    _same_shape("p", p, tuple(q.shape), "q's")
+    B, L, n = q.shape
+    sm = _mask("step_mask", step_mask, (B, L), q.device)
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise DataError(f"margin: must be a finite number >= 0, got {margin!r}")
+    _raise_first((sm[:, 1:] & ~sm[:, :-1]).any(dim=1), "step_mask", "not left-aligned (a step exists after a missing one)")
+    rows = sm.unsqueeze(2)
+    dists = []
+    for name, x in (("q", q), ("p", p)):
+        if not torch.is_floating_point(x):
+            raise DataError(f"{name}: must be floating point probabilities, got {x.dtype}")
+        x = x.to(_F)
+        _raise_first(((~torch.isfinite(x) | (x < 0)) & rows).any(dim=(1, 2)), name, "negative or non-finite probability")
+        total = torch.where(rows, x, 0.0).sum(dim=2, keepdim=True)
+        _raise_first(((total <= 0) & rows).any(dim=(1, 2)), name, "a step has no probability mass")
+        dists.append(torch.where(rows, x, 0.0) / torch.where(total > 0, total, 1.0))
+    qn, pn = dists
+
+    top = torch.topk(qn, k=min(2, n), dim=2)
+    second = top.values[..., 1] if n > 1 else torch.zeros_like(top.values[..., 0])
+    delta = top.values[..., 0] - second
+    # Term-wise form q log(q/p) - q + p (equal in sum, since both rows sum to 1): every
+    # term is >= 0, so the rounding error of eta stays absolute, ~1e-16, and moves
+    # sqrt(2 eta) by < 1e-7, well inside the default margin.
+    log_ratio = torch.log(qn) - torch.log(pn)
+    terms = torch.where(qn > 0, qn * log_ratio, 0.0) - qn + pn
+    eta = terms.sum(dim=2).clamp_min(0.0)
+    certified = (delta > torch.sqrt(2.0 * eta) + margin) & sm
+    if path is not None:
+        path = _tensor("path", path, 2, "[B, L]")
+        _same_shape("path", path, (B, L), "q's [B, L]")
+        if torch.is_floating_point(path) or path.dtype == torch.bool:
+            raise DataError(f"path: must hold integer candidate indices, got {path.dtype}")
+        certified &= top.indices[..., 0] == path.to(torch.int64)
+    prefix = certified.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    length = sm.sum(dim=1)
+    ptar_lower = torch.where(length > 0, prefix.to(_F) / length.clamp_min(1).to(_F), math.nan)
+    nan = torch.full_like(delta, math.nan)
+    return Certificate(
+        delta=torch.where(sm, delta, nan),
+        eta=torch.where(sm, eta, nan),
+        certified=certified,
+        prefix=prefix,
+        length=length,
+        ptar_lower=ptar_lower,
+    )
+
+
+# ---------------------------------------------------------------------------- all at once
+def distillation_diagnostics(
+    student_logits: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    student_page: torch.Tensor,
+    teacher_page: torch.Tensor,
+    page_mask: torch.Tensor | None = None,
+    *,
+    teacher_probs: torch.Tensor | None = None,
+    k: int = 4,
+    margin: float = 1e-6,
+) -> dict[str, float]:
+    """The student-vs-teacher diagnostics a training loop logs, as batch means.
+
+    Args:
+        student_logits: `[B, L, n]` the student's row logits Z.
+        candidate_mask: `[B, n]`.
+        student_page, teacher_page: `[B, L]` greedy pages; page_mask `[B, L]`
+            (left-aligned when `teacher_probs` is given).
+        teacher_probs: optional `[B, L, n]` teacher step distributions q_t along
+            `teacher_page`; adds the stability certificate (student rows masked by the
+            teacher prefix, temperature 1).
+        k: short PTAR cut-off.
+
+    Returns:
+        floats named ``ptar``, ``ptar@k``, ``exact_match``, ``collapse_rate``,
+        ``collision_share``, ``row_js``, ``row_entropy`` and, with `teacher_probs`,
+        ``cert/prefix``, ``cert/ptar_lower``, ``cert/ptar@k_lower``, ``cert/step_share``.
+    """
+    agreement = ptar(student_page, teacher_page, page_mask, k=k)
+    out = {name: float(agreement[f"{name}_mean"]) for name in ("ptar", f"ptar@{k}", "exact_match")}  # type: ignore[arg-type]
+    out["collapse_rate"] = batch_mean(collapse_rate(student_logits, candidate_mask, page_mask))
+    out["collision_share"] = batch_mean(collision_share(student_logits, candidate_mask, page_mask))
+    out["row_js"] = batch_mean(mean_row_js(student_logits, candidate_mask, page_mask))
+    out["row_entropy"] = batch_mean(mean_row_entropy(student_logits, candidate_mask, page_mask))
+    if teacher_probs is not None:
+        p = prefix_masked_probs(student_logits, candidate_mask, teacher_page, page_mask)
+        cert = stability_certificate(teacher_probs, p, page_mask, path=teacher_page, margin=margin)
+        out.update(cert.summary(k))
+    return out
