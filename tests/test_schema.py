@@ -187,3 +187,15 @@ def test_non_numeric_features():
 def test_empty_request_list():
     with pytest.raises(DataError, match="empty"):
         collate([])
+
+
+def test_single_candidate_lists_validate():
+    batch = collate([Request(candidates=[[1.0, 2.0]], context=[0.0], item_ids=[7], logged_page=[0])] * 2)
+    assert batch.num_valid.tolist() == [1, 1]
+
+
+def test_trim_drops_unused_padding():
+    batch = collate(_requests((3, 5)))
+    sub = batch.select([0]).trim()
+    assert sub.candidates.shape[1] == 3
+    assert sub.labels.shape[1] == 3

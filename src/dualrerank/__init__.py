@@ -14,6 +14,7 @@ _LAZY = {
     "RerankBatch": "dualrerank.schema",
     "Request": "dualrerank.schema",
     "collate": "dualrerank.schema",
+    "load_dataset": "dualrerank.data",
     "DataError": "dualrerank.errors",
     "ConfigError": "dualrerank.errors",
     "CheckpointError": "dualrerank.errors",

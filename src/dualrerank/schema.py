@@ -133,6 +133,15 @@ class RerankBatch:
             out["request_ids"] = tuple(self.request_ids[i] for i in idx)
         return replace(self, **out)
 
+    def trim(self) -> "RerankBatch":
+        """Drop padding columns no request uses (after `select`, lists may be shorter than n)."""
+        n_used = int(self.candidate_mask.any(dim=0).nonzero().max()) + 1 if bool(self.candidate_mask.any()) else 1
+        if n_used == self.num_candidates:
+            return self
+        out = {k: getattr(self, k)[:, :n_used] for k in ("candidates", "candidate_mask", "labels", "item_ids", "upstream_score")
+               if getattr(self, k) is not None}
+        return replace(self, **out)
+
     def split(self, batch_size: int) -> list["RerankBatch"]:
         """Consecutive sub-batches of at most `batch_size` requests."""
         return [self.select(slice(s, s + batch_size)) for s in range(0, self.batch_size, batch_size)]
@@ -255,13 +264,15 @@ def _first_duplicate(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
     O(m log m) per row (sort, compare neighbours) rather than O(m^2): lists of hundreds of
     candidates are common (MIND, MSLR).
     """
+    if values.shape[1] < 2:
+        return torch.zeros(values.shape[0], dtype=values.dtype), torch.zeros(values.shape[0], dtype=torch.bool)
     order = torch.sort(values, dim=1, stable=True).indices
     # Second, stable pass moves masked-out entries to the end without disturbing value order.
     order = torch.gather(order, 1, torch.sort((~torch.gather(mask, 1, order)).to(torch.int8), dim=1, stable=True).indices)
     v, m = torch.gather(values, 1, order), torch.gather(mask, 1, order)
     same = (v[:, 1:] == v[:, :-1]) & m[:, 1:] & m[:, :-1]
     first = same.to(torch.int8).argmax(dim=1, keepdim=True)
-    return torch.gather(v[:, 1:], 1, first).squeeze(1) if v.shape[1] > 1 else v[:, 0], same.any(dim=1)
+    return torch.gather(v[:, 1:], 1, first).squeeze(1), same.any(dim=1)
 
 
 def _check_rank(name: str, t: object, rank: int, shape: str) -> None:

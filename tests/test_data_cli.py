@@ -1,0 +1,146 @@
+"""`dualrerank data inspect` and dataset statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualrerank.cli import main
+from dualrerank.data.stats import dataset_stats, format_stats, value_counts
+from dualrerank.schema import RerankBatch
+
+
+def data_root() -> Path:
+    env = os.environ.get("DUALRERANK_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+MQ2008 = data_root() / "letor" / "MQ2008"
+SVM = "2 qid:a 1:1 2:3\n0 qid:a 1:2\n1 qid:a 2:1\n0 qid:b 1:1\n3 qid:b 1:5\n"
+KEYS = {"source", "path", "num_lists", "num_documents", "items_per_list", "padded_length", "feature_width",
+        "context_width", "label_distribution", "has_item_ids", "has_upstream_score", "logged_pages", "notes"}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def svm_file(tmp_path) -> Path:
+    p = tmp_path / "train.txt"
+    p.write_text(SVM)
+    return p
+
+
+def test_inspect_letor_json(capsys, svm_file):
+    code, out, _ = run(capsys, "data", "inspect", "--source", "letor", "--path", str(svm_file), "--json")
+    assert code == 0
+    s = json.loads(out)
+    assert set(s) == KEYS
+    assert (s["num_lists"], s["num_documents"], s["feature_width"]) == (2, 5, 2)
+    assert s["items_per_list"] == {"min": 2, "median": 2.5, "mean": 2.5, "max": 3}
+    assert s["label_distribution"] == {"relevance": {"0": 2, "1": 1, "2": 1, "3": 1}}
+    assert s["logged_pages"] is None
+    assert any("no known upstream" in n for n in s["notes"])
+
+
+def test_inspect_table_and_config(capsys, svm_file, tmp_path):
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(f"source: letor\npath: {svm_file}\nletor:\n  upstream_feature: 1\n  max_candidates: 2\n")
+    code, out, _ = run(capsys, "data", "inspect", "--config", str(cfg))
+    assert code == 0
+    assert "lists" in out and "documents" in out and "label relevance" in out
+    assert "min 2, median 2, mean 2.0, max 2" in out and "note:" not in out
+    cfg.write_text("source: letor\nletor:\n  upstream: 1\n")
+    code, _, err = run(capsys, "data", "inspect", "--config", str(cfg), "--path", str(svm_file))
+    assert code == 2 and "unknown key" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--source", "letor"], "--path is required"),
+    (["--source", "mind"], "--path is required"),
+    (["--source", "letor", "--path", "/definitely/not/here"], "no such file or folder"),
+    (["--source", "mind", "--path", "/definitely/not/here"], "no such file or folder"),
+    (["--source", "mind", "--path", "x", "--fold", "1"], "--fold applies to --source letor only"),
+])
+def test_inspect_user_errors_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, "data", "inspect", *argv)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_file_exit_2_names_line(capsys, tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_text("1 qid:1 1:1\n1 qid:1 1:zz\n")
+    code, _, err = run(capsys, "data", "inspect", "--source", "letor", "--path", str(p))
+    assert code == 2 and f"{p}:2:" in err
+
+
+def test_inspect_mind_json(capsys, tmp_path):
+    (tmp_path / "behaviors.tsv").write_text("1\tU1\t11/11/2019 9:05:00 AM\tN1\tN3-1 N4-0 N1-0\n"
+                                            "2\tU2\t11/12/2019 3:30:00 PM\t\tN3-0 N5-1\n")
+    code, out, _ = run(capsys, "data", "inspect", "--source", "mind", "--path", str(tmp_path), "--json")
+    assert code == 0
+    s = json.loads(out)
+    assert (s["num_lists"], s["num_documents"]) == (2, 5)
+    assert s["label_distribution"] == {"click": {"0": 3, "1": 2}}
+    assert s["logged_pages"]["feedback"] == {"click": {"0": 3, "1": 2}}
+    assert s["logged_pages"]["positions_per_page"] == {"min": 2, "median": 2.5, "mean": 2.5, "max": 3}
+    assert any("no news.tsv" in n for n in s["notes"])
+
+
+def test_inspect_synthetic(capsys):
+    pytest.importorskip("dualrerank.data.synthetic")
+    code, out, _ = run(capsys, "data", "inspect", "--source", "synthetic", "--seed", "1", "--num-requests", "8", "--json")
+    assert code == 0
+    assert json.loads(out)["num_lists"] == 8
+
+
+def test_data_without_action_prints_help(capsys):
+    code, out, _ = run(capsys, "data")
+    assert code == 2 and "inspect" in out
+
+
+@pytest.mark.skipif(not (MQ2008 / "S1.txt").is_file(), reason=f"MQ2008 not found at {MQ2008}")
+def test_inspect_mq2008(capsys):
+    code, out, _ = run(capsys, "data", "inspect", "--source", "letor", "--path", str(MQ2008), "--json")
+    assert code == 0
+    s = json.loads(out)
+    assert (s["num_lists"], s["num_documents"], s["feature_width"]) == (784, 15211, 46)
+    assert s["items_per_list"]["min"] == 5 and s["items_per_list"]["median"] == 8 and s["items_per_list"]["max"] == 121
+    assert s["label_distribution"]["relevance"] == {"0": 12279, "1": 2001, "2": 931}
+    code, out, _ = run(capsys, "data", "inspect", "--source", "letor", "--path", str(MQ2008), "--fold", "1", "--json")
+    splits = json.loads(out)["splits"]
+    assert sum(v["num_lists"] for v in splits.values()) == 784
+    assert sum(v["num_documents"] for v in splits.values()) == 15211
+
+
+# ---------------------------------------------------------------------------- stats
+def test_stats_ignore_padding_values():
+    batch = RerankBatch(
+        candidates=torch.zeros(2, 3, 1),
+        candidate_mask=torch.tensor([[True, True, False], [True, False, False]]),
+        context=torch.zeros(2, 1),
+        # 7.0 sits in padding only and must not be counted
+        labels=torch.tensor([[[1.0, 0.5], [0.0, 0.5], [7.0, 7.0]], [[2.0, 9.0], [7.0, 7.0], [7.0, 7.0]]]),
+        label_names=("grade", "watch"),
+    )
+    s = dataset_stats(batch)
+    assert s["num_documents"] == 3 and s["items_per_list"] == {"min": 1, "median": 1.5, "mean": 1.5, "max": 2}
+    assert s["label_distribution"] == {"grade": {"0": 1, "1": 1, "2": 1}, "watch": {"0.5": 2, "9": 1}}
+    assert not s["has_item_ids"] and "label watch" in format_stats(s)
+
+
+def test_value_counts_summarises_continuous_values():
+    x = torch.arange(50, dtype=torch.float32) / 10
+    v = value_counts(x, max_distinct=20)
+    assert v == {"distinct": 50, "min": 0.0, "mean": pytest.approx(2.45), "max": pytest.approx(4.9)}
+    assert "50 distinct values" in format_stats({**dataset_stats(RerankBatch(
+        candidates=torch.zeros(1, 50, 1), candidate_mask=torch.ones(1, 50, dtype=torch.bool),
+        context=torch.zeros(1, 1), labels=x.view(1, 50, 1)))})

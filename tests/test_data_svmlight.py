@@ -1,0 +1,298 @@
+"""SVMlight/LETOR reader: parsing, grouping, padding, options, malformed lines, folds."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dualrerank.data import DataWarning, load_dataset
+from dualrerank.data.svmlight import (
+    SvmlightOptions,
+    letor_fold_partitions,
+    load_letor_folds,
+    load_svmlight,
+    svmlight_files,
+)
+from dualrerank.errors import ConfigError, DataError
+
+
+def data_root() -> Path:
+    env = os.environ.get("DUALRERANK_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+MQ2008 = data_root() / "letor" / "MQ2008"
+MSLR = data_root() / "mslr_sample"
+
+SMALL = """\
+# a comment line, then a blank line
+
+2 qid:7 1:0.5 3:1.5 # docid = A
+0 qid:7 2:2.0
+1 qid:7 1:1.0 2:1.0 3:0.5
+0 qid:9 3:4.0
+1 qid:9 1:-1 2:3e-1 3:2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "f.txt") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def raw(**kw) -> SvmlightOptions:
+    return SvmlightOptions(standardize="none", **kw)
+
+
+def test_parse_group_pad_and_labels(tmp_path):
+    with pytest.warns(DataWarning, match="no known upstream"):
+        b = load_svmlight(write(tmp_path, SMALL), raw())
+    assert b.request_ids == ("7", "9")
+    assert tuple(b.candidates.shape) == (2, 3, 3)
+    assert b.candidate_mask.tolist() == [[True, True, True], [True, True, False]]
+    expected = torch.tensor([[[0.5, 0, 1.5], [0, 2, 0], [1, 1, 0.5]], [[0, 0, 4], [-1, 0.3, 2], [0, 0, 0]]])
+    torch.testing.assert_close(b.candidates, expected)
+    assert b.labels[..., 0].tolist() == [[2, 0, 1], [0, 1, 0]]
+    assert b.label_names == ("relevance",)
+    # unknown width 3: upstream is file order, item ids are positions (not every line has a docid)
+    assert b.upstream_score[0].tolist() == [0, -1, -2]
+    assert b.item_ids[1, :2].tolist() == [0, 1]
+    torch.testing.assert_close(b.context[1], torch.tensor([np.log1p(2), -0.5, 0.5], dtype=torch.float32))
+
+
+def test_upstream_feature_and_context(tmp_path):
+    b = load_svmlight(write(tmp_path, SMALL), raw(upstream_feature=3))
+    assert b.upstream_score[0].tolist() == [1.5, 0.0, 0.5]
+    assert b.upstream_score[1, :2].tolist() == [4.0, 2.0]
+    torch.testing.assert_close(b.context[0], torch.tensor([np.log1p(3), 2 / 3, float(np.std([1.5, 0, 0.5]))], dtype=torch.float32))
+    with pytest.raises(ConfigError, match="outside the 3 features"):
+        load_svmlight(write(tmp_path, SMALL), raw(upstream_feature=4))
+
+
+def test_auto_upstream_presets(tmp_path):
+    lines = [f"{lab} qid:1 " + " ".join(f"{j}:{(j * (i + 1)) % 7}" for j in range(1, 47)) for i, lab in enumerate([0, 1])]
+    b = load_svmlight(write(tmp_path, "\n".join(lines)), raw())
+    assert b.upstream_score[0].tolist() == [(21 * 1) % 7, (21 * 2) % 7]
+    mslr = [f"0 qid:1 110:{v} 136:0" for v in (3.5, 1.25)]
+    b = load_svmlight(write(tmp_path, "\n".join(mslr), "m.txt"), raw())
+    assert b.upstream_score[0].tolist() == [3.5, 1.25]
+
+
+def test_query_standardisation(tmp_path):
+    b = load_svmlight(write(tmp_path, SMALL), SvmlightOptions(upstream_feature=1))
+    m = b.candidate_mask.unsqueeze(-1)
+    x = b.candidates * m
+    n = b.candidate_mask.sum(1, keepdim=True)
+    mean = x.sum(1) / n
+    torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-6, rtol=0)
+    var = (x**2).sum(1) / n
+    torch.testing.assert_close(var, torch.ones_like(var), atol=1e-5, rtol=0)
+    assert (b.candidates[1, 2] == 0).all()  # padding stays 0
+    # upstream score stays raw
+    assert b.upstream_score[0].tolist() == [0.5, 0.0, 1.0]
+
+
+def test_constant_feature_becomes_zero(tmp_path):
+    b = load_svmlight(write(tmp_path, "1 qid:1 1:5 2:1\n0 qid:1 1:5 2:2\n"), SvmlightOptions(upstream_feature=2))
+    assert b.candidates[0, :, 0].tolist() == [0.0, 0.0]
+
+
+def test_docid_item_ids(tmp_path):
+    text = "1 qid:1 1:1 # docid = GX1 inc = 1\n0 qid:1 1:2 #docid = GX2\n0 qid:2 1:3 # docid = GX1\n"
+    b = load_svmlight(write(tmp_path, text), raw(upstream_feature=1))
+    ids = b.item_ids
+    assert ids[0, 0] != ids[0, 1]
+    assert ids[0, 0] == ids[1, 0]  # same docid, same id in every query
+    assert (ids[b.candidate_mask] >= 0).all()
+    assert load_svmlight(write(tmp_path, text), raw(upstream_feature=1, item_ids="position")).item_ids[0].tolist() == [0, 1]
+    with pytest.raises(DataError, match=r"f\.txt:2: docid 'GX1' appears twice"):
+        load_svmlight(write(tmp_path, "1 qid:1 1:1 # docid = GX1\n0 qid:1 1:2 # docid = GX1\n"), raw(upstream_feature=1))
+    with pytest.raises(DataError, match=r"f\.txt:2: no '# docid"):
+        load_svmlight(write(tmp_path, "1 qid:1 1:1 # docid = A\n0 qid:1 1:2\n"), raw(upstream_feature=1, item_ids="docid"))
+
+
+def test_num_features_and_zero_based(tmp_path):
+    p = write(tmp_path, "1 qid:1 1:1 2:2\n0 qid:1 2:5\n")
+    b = load_svmlight(p, raw(upstream_feature=2, num_features=4))
+    assert b.candidate_dim == 4 and (b.candidates[..., 2:] == 0).all()
+    with pytest.raises(DataError, match=r"f\.txt:1: feature id 2 beyond num_features=1"):
+        load_svmlight(p, raw(upstream_feature=1, num_features=1))
+    z = load_svmlight(write(tmp_path, "1 qid:1 0:7 1:1\n0 qid:1 1:2\n", "z.txt"), raw(upstream_feature=0, zero_based=True))
+    assert z.candidates[0, 0].tolist() == [7.0, 1.0] and z.upstream_score[0, 0] == 7.0
+
+
+def test_max_candidates_keeps_top_by_upstream_in_file_order(tmp_path):
+    text = "0 qid:1 1:0.1\n2 qid:1 1:0.9\n1 qid:1 1:0.5\n0 qid:1 1:0.9\n0 qid:2 1:1\n"
+    b = load_svmlight(write(tmp_path, text), raw(upstream_feature=1, max_candidates=2))
+    assert b.num_candidates == 2
+    assert b.upstream_score[0].tolist() == pytest.approx([0.9, 0.9])  # ties: file order; kept in file order
+    assert b.labels[0, :, 0].tolist() == [2, 0]
+    assert b.candidate_mask[1].tolist() == [True, False]
+
+
+def test_gzip_and_crlf(tmp_path):
+    p = tmp_path / "f.txt.gz"
+    with gzip.open(p, "wt") as fh:
+        fh.write("1 qid:1 1:1\r\n0 qid:1 1:2\r\n")
+    b = load_svmlight(p, raw(upstream_feature=1))
+    assert b.upstream_score[0].tolist() == [1.0, 2.0]
+
+
+MALFORMED = [
+    ("x qid:1 1:1", "bad label 'x'"),
+    ("nan qid:1 1:1", "non-finite label"),
+    ("1 1:1 2:2", "missing 'qid:<id>'"),
+    ("1 qid: 1:1", "empty query id"),
+    ("1 qid:1 1:1 abc", "bad feature pair 'abc'"),
+    ("1 qid:1 1:1:1", "bad feature pair '1:1:1'"),
+    ("1 qid:1 a:1", "bad feature id in 'a:1'"),
+    ("1 qid:1 1.5:1", "bad feature id in '1.5:1'"),
+    ("1 qid:1 0:1", "feature id 0 < 1"),
+    ("1 qid:1 -3:1", "feature id -3 < 1"),
+    ("1 qid:1 2:x", "bad feature value in '2:x'"),
+    ("1 qid:1 100001:1", "feature id 100001 > 100,000"),
+    ("1 qid:1 99999999999999999999999:1", "> 100,000"),
+    ("1 qid:1 2:nan", "non-finite"),
+    ("1 qid:1 2:-inf", "non-finite"),
+    ("1 qid:1 2:1e40", "beyond float32"),
+    ("1 qid:1 2:1 2:3", "feature id 2 appears twice"),
+]
+
+
+@pytest.mark.parametrize("line, message", MALFORMED)
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    p = write(tmp_path, "# header\n0 qid:1 1:1 2:1\n\n" + line + "\n0 qid:1 1:2\n", "bad.txt")
+    with pytest.raises(DataError) as info:
+        load_svmlight(p, raw(upstream_feature=1))
+    text = str(info.value)
+    assert f"{p}:4:" in text and message in text and "\n" not in text
+
+
+def test_qid_must_be_one_block(tmp_path):
+    p = write(tmp_path, "0 qid:1 1:1\n0 qid:2 1:1\n1 qid:1 1:2\n")
+    with pytest.raises(DataError, match=r"f\.txt:3: qid '1' appears again after its block at lines 1-1"):
+        load_svmlight(p, raw(upstream_feature=1))
+
+
+def test_empty_file_and_missing_path(tmp_path):
+    with pytest.raises(DataError, match="no document lines"):
+        load_svmlight(write(tmp_path, "# nothing\n\n"), raw())
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_svmlight(tmp_path / "absent.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("hello")
+    with pytest.raises(DataError, match="no SVMlight files"):
+        load_svmlight(empty)
+
+
+def test_folder_reads_partitions_once_each(tmp_path):
+    write(tmp_path, "1 qid:1 1:1\n0 qid:1 1:2\n", "S1.txt")
+    write(tmp_path, "1 qid:2 1:3\n", "S2.txt")
+    write(tmp_path, "1 qid:1 1:1\n0 qid:1 1:2\n", "S10.txt")  # identical repeat of qid 1
+    write(tmp_path, "not svmlight", "readme_upstream.txt")
+    assert [p.name for p in svmlight_files(tmp_path)] == ["S1.txt", "S2.txt", "S10.txt"]
+    b = load_svmlight(tmp_path, raw(upstream_feature=1))
+    assert b.request_ids == ("1", "2") and int(b.num_valid.sum()) == 3
+    write(tmp_path, "1 qid:2 1:4\n", "S10.txt")  # conflicting repeat of qid 2
+    with pytest.raises(DataError, match=r"S10\.txt:1: qid '2' was already read from .*S2\.txt line 1"):
+        load_svmlight(tmp_path, raw(upstream_feature=1))
+
+
+def test_registry_routes_and_rejects_options(tmp_path):
+    p = write(tmp_path, "1 qid:1 1:1\n0 qid:1 1:2\n")
+    b = load_dataset("letor", p, upstream_feature=1, standardize="none")
+    assert b.upstream_score[0].tolist() == [1.0, 2.0]
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_dataset("letor", p, upstream=1)
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_dataset("letor", p, standardize="global")
+    with pytest.raises(ConfigError, match="needs a path"):
+        load_dataset("letor")
+    with pytest.raises(ConfigError, match="unknown data source"):
+        load_dataset("yahoo", p)
+    with pytest.raises(ConfigError, match="max_candidates"):
+        SvmlightOptions(max_candidates=0)
+
+
+def test_fold_partitions_follow_the_readme_rotation():
+    table = {
+        1: (["S1", "S2", "S3"], ["S4"], ["S5"]),
+        2: (["S2", "S3", "S4"], ["S5"], ["S1"]),
+        3: (["S3", "S4", "S5"], ["S1"], ["S2"]),
+        4: (["S4", "S5", "S1"], ["S2"], ["S3"]),
+        5: (["S5", "S1", "S2"], ["S3"], ["S4"]),
+    }
+    for k, (tr, va, te) in table.items():
+        assert letor_fold_partitions(k) == {"train": tr, "vali": va, "test": te}
+    with pytest.raises(ConfigError, match="fold"):
+        letor_fold_partitions(6)
+
+
+def test_fold_layouts(tmp_path):
+    for i in range(1, 6):
+        width = 3 if i == 5 else 1  # one partition is wider: all splits must share its width
+        write(tmp_path, f"1 qid:{i} {width}:{i}\n0 qid:{i} 1:0.5\n", f"S{i}.txt")
+    f = load_letor_folds(tmp_path, 2, raw(upstream_feature=1))
+    assert [f[k].request_ids for k in ("train", "vali", "test")] == [("2", "3", "4"), ("5",), ("1",)]
+    assert {v.candidate_dim for v in f.values()} == {3}
+    other = tmp_path / "mslr"
+    for k in ("train", "vali", "test"):
+        (other / "Fold1").mkdir(parents=True, exist_ok=True)
+        write(other / "Fold1", f"1 qid:{k} 1:1\n0 qid:{k} 1:2\n", f"{k}.txt")
+    g = load_letor_folds(other, 1, raw(upstream_feature=1))
+    assert g["vali"].request_ids == ("vali",)
+    with pytest.raises(DataError, match="neither S1.txt"):
+        load_letor_folds(other, 3)
+
+
+# ---------------------------------------------------------------------------- real data
+needs_mq2008 = pytest.mark.skipif(not (MQ2008 / "S1.txt").is_file(), reason=f"MQ2008 not found at {MQ2008}")
+
+
+@pytest.fixture(scope="module")
+def mq2008_parts():
+    return {s: load_svmlight(MQ2008 / f"{s}.txt", SvmlightOptions()) for s in ("S1", "S2", "S3", "S4", "S5")}
+
+
+@needs_mq2008
+def test_mq2008_counts_and_choices():
+    b = load_svmlight(MQ2008)
+    assert b.batch_size == 784 and int(b.num_valid.sum()) == 15211
+    assert b.candidate_dim == 46 and b.num_candidates == 121
+    assert sorted(torch.unique(b.labels[b.candidate_mask]).tolist()) == [0, 1, 2]
+    assert len(set(b.request_ids)) == 784
+
+
+@needs_mq2008
+def test_mq2008_folds_disjoint_and_covering(mq2008_parts):
+    names = {s: set(v.request_ids) for s, v in mq2008_parts.items()}
+    all_q = set().union(*names.values())
+    assert len(all_q) == 784
+    for k in range(1, 6):
+        parts = letor_fold_partitions(k)
+        split = {name: set().union(*(names[s] for s in ss)) for name, ss in parts.items()}
+        assert not split["train"] & split["vali"] and not split["train"] & split["test"] and not split["vali"] & split["test"]
+        assert split["train"] | split["vali"] | split["test"] == all_q
+    f = load_letor_folds(MQ2008, 1)
+    assert set(f["test"].request_ids) == names["S5"] and set(f["vali"].request_ids) == names["S4"]
+
+
+@pytest.mark.skipif(not (MSLR / "msn1.fold1.train.5k.txt").is_file(), reason=f"MSLR sample not found at {MSLR}")
+def test_mslr_sample_notes_possible_truncation():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        b = load_svmlight(MSLR / "msn1.fold1.train.5k.txt", SvmlightOptions(standardize="none"))
+    assert b.batch_size == 43 and int(b.num_valid.sum()) == 5000 and b.candidate_dim == 136
+    assert any("may be cut short" in str(w.message) for w in caught)
+    counts = torch.unique(b.labels[b.candidate_mask], return_counts=True)[1].tolist()
+    assert counts == [2792, 1458, 665, 55, 30]
+    # MSLR preset: upstream = feature 110 (BM25, whole document), raw
+    torch.testing.assert_close(b.upstream_score, b.candidates[..., 109] * b.candidate_mask)
