@@ -1,0 +1,551 @@
+"""Reports: markdown tables and PNG plots for training runs and experiments.
+
+Two entry points write a whole report:
+
+- `write_run_report(run_dir, title)` reads one training run directory (`metrics.jsonl`,
+  one JSON object per epoch, plus `config.yaml`) and writes `report.md` and `curves.png`.
+- `write_experiment_report(out_dir, rows, curves, ...)` writes `summary.json` (one row per
+  model: figures, optionally with a `<name>_std` sibling for the spread over seeds; `null`
+  where a figure does not apply), `report.md` and the bar and curve plots.
+
+The building blocks (`read_metrics`, `markdown_table`, `plot_curves`, `plot_bars`) are pure
+functions of their arguments. Every file is written atomically (temp file in the same
+folder, then rename), so a crash never leaves a half-written report or plot behind.
+
+Plots draw on a bare `matplotlib.figure.Figure` with the Agg canvas rather than through
+`pyplot`, so no global figure registry or backend switch is involved; matplotlib itself is
+imported on first use to keep `import dualrerank.report` (and the CLI) quick.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from dualrerank.errors import DataError
+
+STD_SUFFIX = "_std"
+MISSING = "–"
+
+#: Column order of the experiment table; other scalar keys found in the rows follow.
+EXPERIMENT_COLUMNS = (
+    "model",
+    "normalized_utility",
+    "utility",
+    "ndcg@4",
+    "ndcg@10",
+    "ptar",
+    "ptar@4",
+    "exact_page",
+    "collapse_rate",
+    "certified_ptar",
+    "latency_ms_p50",
+    "params",
+)
+
+#: Metrics drawn as one bar chart each in an experiment report, when some row has them.
+BAR_METRICS = ("normalized_utility", "ndcg@10")
+
+#: Curve keys of an experiment report are those ending with one of these suffixes
+#: (so `valid_ptar`, `train_kd`, `valid_collapse_rate`, `valid_score` are all found).
+CURVE_SUFFIXES = ("ptar", "collapse_rate", "kd", "kd_loss", "score", "reward")
+
+#: Keys of a metrics record that are bookkeeping rather than curves worth plotting.
+_NOT_CURVES = frozenset({"epoch", "step", "seconds", "best"})
+
+#: A run report's per-epoch table shows at most this many (the latest) epochs.
+MAX_RUN_TABLE_ROWS = 30
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a `metrics.jsonl` file: one JSON object per line, blank lines ignored.
+
+    Raises DataError naming the file (and the line) when the file is missing, a line is not
+    valid JSON (e.g. truncated by a crash), or a line holds something other than an object.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{p}: metrics file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: cannot read metrics file ({exc})") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _scalar(value: Any) -> Any:
+    """Unwrap one-element NumPy/PyTorch values to Python scalars; anything else unchanged."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    """The value as a float if it is a real number (not a bool), else None."""
+    value = _scalar(value)
+    return float(value) if _is_number(value) else None
+
+
+def _format_number(value: numbers.Real, digits: int) -> str:
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    v = float(value)
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    # Fixed point would print a tiny loss as 0.0000 and a huge count unreadably.
+    if v != 0 and (abs(v) < 0.5 * 10.0**-digits or abs(v) >= 1e9):
+        return f"{v:.{max(digits - 1, 1)}e}"
+    return f"{v:.{digits}f}"
+
+
+def _format_cell(value: Any, std: Any, digits: int) -> str:
+    value, std = _scalar(value), _scalar(std)
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if _is_number(value):
+        text = _format_number(value, digits)
+        if _is_number(std):
+            text += f" ± {_format_number(std, digits)}"
+        return text
+    return str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    std_suffix: str = STD_SUFFIX,
+    digits: int = 4,
+) -> str:
+    """Render `rows` as a GitHub-flavoured markdown table with the given columns.
+
+    A number is printed with `digits` decimals (scientific notation when that would hide
+    it); integers get thousands separators; when the row also has `<column><std_suffix>`
+    the cell reads "mean ± std". A missing key or null value prints as "–". Columns whose
+    values are all numbers (or missing) are right-aligned, both in the markdown alignment
+    row and in the padded source text; other columns are left-aligned.
+    Returns the table without a trailing newline.
+    """
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    cells = [
+        [_format_cell(row.get(c), row.get(c + std_suffix), digits) for c in columns]
+        for row in rows
+    ]
+    numeric = []
+    for c in columns:
+        present = [_scalar(row.get(c)) for row in rows if row.get(c) is not None]
+        numeric.append(bool(present) and all(_is_number(v) for v in present))
+    header = [str(c).replace("|", "\\|") for c in columns]
+    widths = [max([len(header[j]), 3] + [len(r[j]) for r in cells]) for j in range(len(columns))]
+
+    def line(parts: Iterable[str]) -> str:
+        return "| " + " | ".join(parts) + " |"
+
+    def pad(text: str, j: int) -> str:
+        return text.rjust(widths[j]) if numeric[j] else text.ljust(widths[j])
+
+    out = [line(pad(h, j) for j, h in enumerate(header))]
+    out.append(line(("-" * (w - 1) + ":") if numeric[j] else (":" + "-" * (w - 1)) for j, w in enumerate(widths)))
+    out.extend(line(pad(t, j) for j, t in enumerate(r)) for r in cells)
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temp file beside `path`, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _new_figure(width: float, height: float):
+    """A pyplot-free figure drawn by the Agg canvas (no global figure state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, out_png: Path) -> Path:
+    return _atomic_write(Path(out_png), lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe version of a metric name: 'ndcg@10' -> 'ndcg_at_10'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("@", "_at_")).strip("_") or "metric"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _curve_points(records: Sequence[Mapping[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
+    """(xs, ys) of `key` against `x`; the record's 1-based position stands in for `x` when no
+    record of the series has it (e.g. a loop logging per step without an epoch field)."""
+    has_x = any(_number(r.get(x)) is not None for r in records)
+    xs, ys = [], []
+    for i, r in enumerate(records, start=1):
+        y = _number(r.get(key))
+        xv = _number(r.get(x)) if has_x else float(i)
+        if y is not None and xv is not None:
+            xs.append(xv)
+            ys.append(y)
+    return xs, ys
+
+
+def plot_curves(
+    series: Mapping[str, Sequence[Mapping[str, Any]]],
+    keys: Sequence[str],
+    out_png: Path,
+    *,
+    x: str = "epoch",
+    title: str | None = None,
+) -> Path | None:
+    """Plot training curves: one subplot per key, one line per series (run or model name).
+
+    `series` maps a name to its metrics records (as `read_metrics` returns them). A key with
+    no finite number in any record of any series is skipped; when every key is skipped no
+    file is written and None is returned. Each series keeps one colour across subplots and
+    a single legend names them. Returns `out_png` once written (atomically).
+    """
+    present = []
+    for key in dict.fromkeys(keys):
+        if any(math.isfinite(y) for recs in series.values() for y in _curve_points(recs, key, x)[1]):
+            present.append(key)
+    if not present:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(series)
+    ncols = min(3, len(present))
+    nrows = math.ceil(len(present) / ncols)
+    fig = _new_figure(4.3 * ncols, 3.1 * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    handles: dict[str, Any] = {}
+    for ax, key in zip(axes, present):
+        uses_x = False
+        for i, name in enumerate(names):
+            records = series[name]
+            xs, ys = _curve_points(records, key, x)
+            if not xs:
+                continue
+            uses_x |= any(_number(r.get(x)) is not None for r in records)
+            (line,) = ax.plot(xs, ys, color=f"C{i % 10}", marker="o" if len(xs) <= 40 else None, markersize=3, linewidth=1.5, label=name)
+            handles.setdefault(name, line)
+        ax.set_title(key)
+        ax.set_xlabel(x if uses_x else "record")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(present):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    ordered = [n for n in names if n in handles]
+    fig.legend([handles[n] for n in ordered], ordered, loc="outside lower center", ncols=min(len(ordered), 4), frameon=False)
+    return _save_png(fig, Path(out_png))
+
+
+def plot_bars(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    out_png: Path,
+    *,
+    std_suffix: str = STD_SUFFIX,
+    title: str | None = None,
+    label_key: str = "model",
+) -> Path | None:
+    """Horizontal bar chart of one metric across rows (models), in row order top to bottom.
+
+    Error bars show `<metric><std_suffix>` where a row has it; every bar is labelled with
+    its value ("mean ± std"). Rows whose metric is null or missing are left out; with none
+    left, no file is written and None is returned. Returns `out_png` once written.
+    """
+    kept = [(i, r) for i, r in enumerate(rows) if _number(r.get(metric)) is not None]
+    if not kept:
+        return None
+    labels = [str(r.get(label_key) if r.get(label_key) is not None else f"row {i}") for i, r in kept]
+    means = [_number(r.get(metric)) for _, r in kept]
+    stds = [_number(r.get(metric + std_suffix)) for _, r in kept]
+    has_std = any(s is not None for s in stds)
+    errs = [s if s is not None and math.isfinite(s) else 0.0 for s in stds]
+
+    fig = _new_figure(7.0, 0.45 * len(kept) + 1.6)
+    ax = fig.subplots()
+    pos = list(range(len(kept)))
+    ax.barh(pos, means, xerr=errs if has_std else None, color="C0", alpha=0.85, capsize=3, height=0.6)
+    ax.set_yticks(pos, labels)
+    ax.invert_yaxis()
+    for p, m, s, e in zip(pos, means, stds, errs):
+        text = _format_cell(m, s, 3)
+        end = m + e if m >= 0 else m - e
+        ax.annotate(text, (end, p), xytext=(4 if m >= 0 else -4, 0), textcoords="offset points",
+                    ha="left" if m >= 0 else "right", va="center", fontsize=8)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.margins(x=0.25)
+    ax.set_xlabel(metric + (" (mean ± std)" if has_std else ""))
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(title or metric)
+    return _save_png(fig, Path(out_png))
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+def find_curve_keys(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    suffixes: Sequence[str] = CURVE_SUFFIXES,
+) -> list[str]:
+    """Keys of the curve records ending with one of `suffixes`, grouped in suffix order and
+    otherwise in first-seen order (e.g. ['valid_ptar', 'valid_collapse_rate', 'train_kd'])."""
+    seen = list(dict.fromkeys(k for recs in curves.values() for r in recs for k in r if k not in _NOT_CURVES))
+    out: list[str] = []
+    for suffix in suffixes:
+        out.extend(k for k in seen if k.endswith(suffix) and k not in out)
+    return out
+
+
+def _x_key(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    for candidate in ("epoch", "step"):
+        if any(_number(r.get(candidate)) is not None for recs in curves.values() for r in recs):
+            return candidate
+    return "epoch"
+
+
+def _jsonable(value: Any, where: str, non_finite: list[str]) -> Any:
+    """`value` as strict JSON: non-finite floats become null (and are listed in
+    `non_finite`), tuples become lists, paths become strings."""
+    value = _scalar(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if not math.isfinite(v):
+            non_finite.append(where)
+            return None
+        return v
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}", non_finite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]", non_finite) for i, v in enumerate(value)]
+    raise DataError(f"{where}: value of type {type(value).__name__} cannot be written to summary.json")
+
+
+def experiment_columns(rows: Sequence[Mapping[str, Any]], std_suffix: str = STD_SUFFIX) -> list[str]:
+    """Table columns for experiment rows: `EXPERIMENT_COLUMNS` first, then any other scalar
+    key, leaving out std siblings and columns that are null or missing in every row."""
+    keys = list(EXPERIMENT_COLUMNS) + [k for r in rows for k in r if k not in EXPERIMENT_COLUMNS]
+    out = []
+    for k in dict.fromkeys(keys):
+        if k.endswith(std_suffix) and k[: -len(std_suffix)] in keys:
+            continue
+        values = [_scalar(r.get(k)) for r in rows if r.get(k) is not None]
+        if values and all(isinstance(v, (str, numbers.Real)) for v in values):
+            out.append(k)
+    return out
+
+
+def write_experiment_report(
+    out_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    title: str,
+    commands: Sequence[str],
+    notes: Sequence[str] = (),
+    std_suffix: str = STD_SUFFIX,
+) -> dict[str, Any]:
+    """Write an experiment's `summary.json`, `report.md` and plots into `out_dir`.
+
+    rows:     one mapping per model (keys as in `EXPERIMENT_COLUMNS`, optional std siblings,
+              null where not applicable).
+    curves:   model name -> its training metrics records, for the curve plot.
+    commands: the command line(s) that produced the experiment, quoted in the report.
+
+    Plots: `bars_<metric>.png` for each of `BAR_METRICS` some row has, and `curves.png` with
+    the curve keys found by `find_curve_keys`. summary.json is strict JSON: NaN/inf figures
+    are stored as null and listed under "non_finite" (the table still shows them as nan).
+    Returns the summary dict as written: {"title", "commands", "notes", "rows", "plots",
+    "non_finite"}.
+    """
+    out_dir = Path(out_dir)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"experiment row {i}: expected a mapping of figures, got {type(row).__name__}")
+    non_finite: list[str] = []
+    clean_rows = [
+        _jsonable(row, f"rows[{i}]" + (f" ({row['model']})" if row.get("model") is not None else ""), non_finite)
+        for i, row in enumerate(rows)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    plots: list[str] = []
+    for metric in BAR_METRICS:
+        png = plot_bars(rows, metric, out_dir / f"bars_{_slug(metric)}.png", std_suffix=std_suffix, title=f"{title}: {metric}")
+        if png is not None:
+            plots.append(png.name)
+    keys = find_curve_keys(curves)
+    png = plot_curves(curves, keys, out_dir / "curves.png", x=_x_key(curves), title=f"{title}: training curves")
+    if png is not None:
+        plots.append(png.name)
+
+    summary = {
+        "title": title,
+        "commands": list(commands),
+        "notes": list(notes),
+        "rows": clean_rows,
+        "plots": plots,
+        "non_finite": non_finite,
+    }
+    _write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+    md = [f"# {title}", ""]
+    if commands:
+        md += ["Produced by:", "", "```bash", *commands, "```", ""]
+    md += ["## Results", ""]
+    columns = experiment_columns(rows, std_suffix)
+    if rows and columns:
+        md += [markdown_table(rows, columns, std_suffix=std_suffix), ""]
+        if any(r.get(c + std_suffix) is not None for r in rows for c in columns):
+            md += ["Cells read mean ± std over seeds; – means not applicable.", ""]
+        else:
+            md += ["– means not applicable.", ""]
+    else:
+        md += ["No results.", ""]
+    if non_finite:
+        md += [f"Non-finite figures (stored as null in summary.json): {', '.join(non_finite)}.", ""]
+    if notes:
+        md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    if plots:
+        md += ["## Plots", ""]
+        for name in plots:
+            md += [f"[![{name}]({name})]({name})", ""]
+    _write_text(out_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------- single run
+
+
+def _latest_per_x(records: Sequence[Mapping[str, Any]], x: str) -> list[Mapping[str, Any]]:
+    """Keep the last record for each value of `x`: an epoch re-run after a resume appends a
+    second line for the same epoch, and the later one is the one the checkpoint reflects."""
+    if not any(_number(r.get(x)) is not None for r in records):
+        return list(records)
+    last: dict[float, int] = {}
+    for i, r in enumerate(records):
+        xv = _number(r.get(x))
+        if xv is not None:
+            last[xv] = i
+    return [r for i, r in enumerate(records) if _number(r.get(x)) is None or last[_number(r.get(x))] == i]
+
+
+def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    flagged = [r for r in records if r.get("best") is True]
+    if flagged:
+        return flagged[-1]
+    scored = [r for r in records if _number(r.get("valid_score")) is not None and math.isfinite(_number(r.get("valid_score")))]
+    return max(scored, key=lambda r: _number(r["valid_score"])) if scored else None
+
+
+def write_run_report(run_dir: Path, title: str) -> Path:
+    """Write `report.md` and `curves.png` for one training run directory; returns report.md.
+
+    Reads `run_dir/metrics.jsonl` (DataError if missing or malformed) and quotes
+    `config.yaml` when present. The report gives the best epoch (the last one flagged
+    `best`, else the highest `valid_score`), total time, a per-epoch table (the latest
+    `MAX_RUN_TABLE_ROWS` epochs) and the curves of every numeric metric.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run directory not found")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    x = _x_key({"run": records})
+    records = _latest_per_x(records, x)
+
+    md = [f"# {title}", "", f"Run directory: `{run_dir}`", ""]
+    if not records:
+        md += ["No epochs recorded yet (metrics.jsonl is empty).", ""]
+    else:
+        best = _best_record(records)
+        seconds = [s for s in (_number(r.get("seconds")) for r in records) if s is not None]
+        facts = [f"- {x}s recorded: {len(records)}"]
+        if best is not None:
+            score = _format_cell(best.get("valid_score"), None, 4)
+            facts.append(f"- best {x}: {_format_cell(best.get(x), None, 4)} (valid_score {score})")
+        if seconds:
+            facts.append(f"- training time: {sum(seconds):.1f} s")
+        if (run_dir / "checkpoint").is_dir():
+            facts.append("- best checkpoint: [checkpoint/](checkpoint/)")
+        md += ["## Summary", "", *facts, ""]
+
+        keys = list(dict.fromkeys(k for r in records for k in r if k not in _NOT_CURVES and k != x))
+        png = plot_curves({run_dir.name or "run": records}, keys, run_dir / "curves.png", x=x, title=title)
+        if png is not None:
+            md += ["## Curves", "", f"![curves]({png.name})", ""]
+
+        columns = [c for c in dict.fromkeys(k for r in records for k in r)
+                   if all(v is None or isinstance(_scalar(v), (str, numbers.Real)) for v in (r.get(c) for r in records))]
+        shown = records[-MAX_RUN_TABLE_ROWS:]
+        md += [f"## Per {x}", ""]
+        if len(shown) < len(records):
+            md += [f"Latest {len(shown)} of {len(records)}; all of them are in metrics.jsonl.", ""]
+        md += [markdown_table(shown, columns), ""]
+
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        md += ["## Config", "", "```yaml", config.read_text(encoding="utf-8").rstrip("\n"), "```", ""]
+    return _write_text(run_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
