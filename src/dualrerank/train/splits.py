@@ -1,0 +1,128 @@
+"""Train / validation / test splits of every data source, with the world needed to score
+pages where there is one.
+
+- synthetic: the default simulated world (or a world YAML, or a `dualrerank simulate
+  --out` folder): training logs from the logging policy; validation and test are fresh
+  requests of the same world (their hidden state scores any page exactly).
+- letor: LETOR/MSLR folds (`S1..S5` partitions or `Fold k/{train,vali,test}.txt`); the
+  lists are placed in the simulated user model (`sim.real_lists`) for utility, and NDCG
+  uses the real graded labels.
+- mind: impressions split at random (seeded) into train / valid / test; NDCG on real clicks.
+
+The data seed (`SplitConfig.seed`) is separate from a run's seed, so that several training
+seeds are compared on the same held-out requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dualrerank.config import option
+from dualrerank.errors import ConfigError
+from dualrerank.schema import RerankBatch
+from dualrerank.train.evaluation import EvalSplit
+
+
+@dataclass
+class SplitConfig:
+    source: str = option("synthetic", "data source", choices=("synthetic", "letor", "mind"))
+    path: str | None = option(
+        None,
+        "synthetic: a world YAML or a 'simulate --out' folder (default world if unset); "
+        "letor: a folder with S1..S5.txt or 'Fold k' folders; mind: a folder with behaviors.tsv",
+    )
+    seed: int = option(0, "seed of the data (world, requests, logs, random splits), kept apart from the run's seed")
+    train_requests: int = option(8000, "synthetic: logged requests to train on")
+    valid_requests: int = option(1000, "synthetic: held-out requests for validation each epoch")
+    test_requests: int = option(2000, "synthetic: held-out requests for the final test")
+    page_length: int = option(10, "page length L produced and evaluated")
+    fold: int = option(1, "letor: fold number (1..5)")
+    valid_share: float = option(0.1, "mind: share of impressions for validation")
+    test_share: float = option(0.2, "mind: share of impressions for the test")
+
+    def __post_init__(self) -> None:
+        for name in ("train_requests", "valid_requests", "test_requests", "page_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if not (0 < self.valid_share < 1 and 0 < self.test_share < 1 and self.valid_share + self.test_share < 1):
+            raise ConfigError("data.valid_share / data.test_share: must be in (0, 1) and sum to less than 1")
+
+
+@dataclass
+class Splits:
+    train: RerankBatch
+    valid: EvalSplit
+    test: EvalSplit
+    page_length: int
+    world: object | None = None
+
+
+def _synthetic(cfg: SplitConfig) -> Splits:
+    from dualrerank.data.synthetic import load_logs, load_world, simulate_logs
+    from dualrerank.sim import World, WorldConfig
+    from dualrerank.config import load_config
+
+    path = Path(cfg.path) if cfg.path else None
+    if path is not None and path.is_dir():
+        world = load_world(path)
+        train = load_logs(path)
+    else:
+        world_cfg = load_config(WorldConfig, path) if path is not None else WorldConfig()
+        world = World(world_cfg, seed=cfg.seed)
+        train = simulate_logs(world, cfg.train_requests, cfg.seed, cfg.page_length).batch
+    # Held-out requests carry logs too (the evaluator and LambdaMART validate on feedback);
+    # their hidden state scores any page exactly. Seeds differ from the training logs'.
+    valid = simulate_logs(world, cfg.valid_requests, cfg.seed + 1_000_003, cfg.page_length)
+    test = simulate_logs(world, cfg.test_requests, cfg.seed + 2_000_003, cfg.page_length)
+    return Splits(
+        train=train,
+        valid=EvalSplit(valid.batch, world, valid.state, name="valid"),
+        test=EvalSplit(test.batch, world, test.state, name="test"),
+        page_length=cfg.page_length,
+        world=world,
+    )
+
+
+def _letor(cfg: SplitConfig) -> Splits:
+    from dualrerank.data import load_letor_folds
+    from dualrerank.sim import World
+    from dualrerank.sim.real_lists import real_list_state
+
+    if not cfg.path:
+        raise ConfigError("data.path: the letor source needs a folder (e.g. ../shared/data/letor/MQ2008)")
+    folds = load_letor_folds(cfg.path, cfg.fold)
+    world = World(seed=cfg.seed)
+
+    def split(batch: RerankBatch, name: str) -> EvalSplit:
+        return EvalSplit(batch, world, real_list_state(batch, world, seed=cfg.seed), name=name)
+
+    return Splits(folds["train"], split(folds["vali"], "valid"), split(folds["test"], "test"), cfg.page_length, world)
+
+
+def _mind(cfg: SplitConfig) -> Splits:
+    from dualrerank.data import load_dataset
+
+    if not cfg.path:
+        raise ConfigError("data.path: the mind source needs a folder with behaviors.tsv")
+    batch = load_dataset("mind", cfg.path)
+    order = torch.randperm(batch.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
+    n_test = max(1, int(cfg.test_share * batch.batch_size))
+    n_valid = max(1, int(cfg.valid_share * batch.batch_size))
+    test, valid, train = order[:n_test], order[n_test : n_test + n_valid], order[n_test + n_valid :]
+    return Splits(
+        train=batch.select(train).trim(),
+        valid=EvalSplit(batch.select(valid).trim(), name="valid"),
+        test=EvalSplit(batch.select(test).trim(), name="test"),
+        page_length=cfg.page_length,
+    )
+
+
+_SOURCES = {"synthetic": _synthetic, "letor": _letor, "mind": _mind}
+
+
+def load_splits(cfg: SplitConfig) -> Splits:
+    """The three splits of `cfg.source` (see the module docstring)."""
+    return _SOURCES[cfg.source](cfg)
