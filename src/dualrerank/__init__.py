@@ -15,6 +15,8 @@ _LAZY = {
     "Request": "dualrerank.schema",
     "collate": "dualrerank.schema",
     "load_dataset": "dualrerank.data",
+    "DualReranker": "dualrerank.api",
+    "World": "dualrerank.sim",
     "DataError": "dualrerank.errors",
     "ConfigError": "dualrerank.errors",
     "CheckpointError": "dualrerank.errors",
@@ -22,10 +24,16 @@ _LAZY = {
 }
 
 
+# The design's name for the simulated world; `World` is its class name.
+_ALIASES = {"Simulator": "World"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _ALIASES:
+        return __getattr__(_ALIASES[name])
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dualrerank' has no attribute {name!r}")
 
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_LAZY) + sorted(_ALIASES) + ["__version__"]

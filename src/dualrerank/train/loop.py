@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ def fit(
         _append_jsonl(metrics_path, record)
         if progress:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items())
-            tqdm.write(f"epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}")
+            tqdm.write(f"epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr)
         _atomic_torch_save(
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "loop": state},
             last,

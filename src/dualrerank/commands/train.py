@@ -1,0 +1,56 @@
+"""`dualrerank train`: supervised training of one registered model.
+
+    dualrerank train --model teacher --data synthetic --out runs/teacher
+    dualrerank train --model lambdamart --data letor --path ../shared/data/letor/MQ2008 --out runs/lm
+    dualrerank train --model teacher --out runs/teacher --resume      # continue a stopped run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dualrerank.commands._common import add_config_args, load_from_args, print_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from dualrerank.train.supervised import TrainConfig
+
+    p = subparsers.add_parser(
+        "train", help="train a model (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, upstream)",
+        description="Train one model on a data source; writes config.yaml, metrics.jsonl, a checkpoint, "
+        "eval.json (test figures) and report.md into --out.",
+    )
+    p.add_argument("--model", default=None, help="registered model name (default: the config's, else teacher)")
+    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"), help="data source (default: synthetic)")
+    p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--evaluator", type=Path, default=None,
+                   help="checkpoint of a trained evaluator for 'evaluator' targets (default: train one in OUT/evaluator)")
+    p.add_argument("--epochs", type=int, default=None, help="override optim.epochs")
+    p.add_argument("--json", action="store_true", help="print the test figures as JSON")
+    add_config_args(p, TrainConfig)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dualrerank.config import load_config
+    from dualrerank.errors import ConfigError
+    from dualrerank.train.supervised import TrainConfig, train_model
+
+    overrides = {"model": args.model, "data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs}
+    if args.resume:
+        saved = args.out / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {saved} not found; start the run without --resume")
+        cfg = load_config(TrainConfig, saved, {k: v for k, v in overrides.items() if k == "optim.epochs"})
+    else:
+        cfg = load_from_args(TrainConfig, args, overrides)
+    result = train_model(cfg, args.out, resume=args.resume, evaluator_dir=args.evaluator)
+    if args.json:
+        print_json(result)
+    else:
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if v is not None)
+        print(f"{args.out}: {shown}")
+    return 0

@@ -1,0 +1,131 @@
+"""Supervised training end to end on tiny synthetic splits: run directory, resume, evaluate,
+the public API, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dualrerank.api import DualReranker
+from dualrerank.cli import main
+from dualrerank.errors import CheckpointError
+from dualrerank.train.targets import logged_targets
+
+TINY = {
+    "data": {"train_requests": 192, "valid_requests": 48, "test_requests": 48, "page_length": 4},
+    "optim": {"epochs": 2, "batch_size": 64},
+    "evaluator_optim": {"epochs": 1, "batch_size": 64},
+    "objective": {"target": "logged"},
+    "model_config": {"encoder": {"d_model": 16, "n_heads": 2, "n_layers": 1}, "n_layers": 1, "n_heads": 2},
+    "evaluator_config": {"encoder": {"d_model": 16, "n_heads": 2, "n_layers": 1}},
+}
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        node = cfg
+        *head, last = key.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_teacher_writes_run_dir_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "teacher", "--config", str(_config(tmp_path)), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 < result["normalized_utility"] <= 1.0 or result["normalized_utility"] < 0.0
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.md", "last.pt", "checkpoint/config.json",
+                 "checkpoint/model.safetensors"):
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert not list(out.rglob("*.tmp"))
+    # Resume with a larger epoch budget continues at epoch 3.
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["requests"] == 48 and math.isfinite(again["normalized_utility"])
+
+
+def test_resume_without_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+
+
+def test_unknown_model_and_bad_config(tmp_path, capsys):
+    assert main(["train", "--model", "gpt", "--config", str(_config(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown name 'gpt'" in capsys.readouterr().err
+    assert main(["train", "--config", str(_config(tmp_path, **{"model_config.encoder.widht": 3})), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key" in capsys.readouterr().err
+
+
+def test_public_api_load_rerank_sample_save(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "nar", "--config", str(_config(tmp_path)), "--out", str(out)]) == 0
+    from dualrerank.sim import World
+    from dualrerank.data.synthetic import simulate_logs
+
+    batch = simulate_logs(World(), 5, seed=3, page_length=4).batch
+    model = DualReranker.load(out)
+    pages = model.rerank(batch, k=4)
+    assert pages.shape == (5, 4)
+    assert all(len(set(p.tolist())) == 4 for p in pages)
+    groups = model.sample(batch, k=4, group=3, seed=1)
+    assert groups.shape == (5, 3, 4)
+    assert torch.equal(groups, model.sample(batch, k=4, group=3, seed=1))
+    saved = model.save(tmp_path / "copy")
+    assert torch.equal(DualReranker.load(saved).rerank(batch, k=4), pages)
+    with pytest.raises(Exception, match="k=60"):
+        model.rerank(batch, k=60)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError):
+        DualReranker.load(bad)
+    assert main(["evaluate", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_logged_targets_order_by_gain_and_keep_ties():
+    from dualrerank.schema import RerankBatch
+
+    page = torch.tensor([[3, 1, 0, 2]])
+    fb = torch.tensor([[[0, 0, 0], [1, 0, 5], [1, 1, 9], [0, 0, 0]]], dtype=torch.float32)
+    batch = RerankBatch(
+        candidates=torch.zeros(1, 4, 2), candidate_mask=torch.ones(1, 4, dtype=torch.bool), context=torch.zeros(1, 1),
+        logged_page=page, logged_page_mask=torch.ones(1, 4, dtype=torch.bool), logged_feedback=fb,
+        feedback_names=("click", "long_view", "watch_time"),
+    )
+    t = logged_targets(batch, 4)
+    assert t.pages.tolist() == [[0, 1, 3, 2]]  # long view, click, then the rest in logged order
+
+
+def test_graded_targets_sort_by_label_then_upstream():
+    from dualrerank.schema import RerankBatch
+
+    batch = RerankBatch(
+        candidates=torch.zeros(1, 5, 2), candidate_mask=torch.tensor([[True, True, True, True, False]]),
+        context=torch.zeros(1, 1), labels=torch.tensor([[[1.0], [2.0], [1.0], [0.0], [9.0]]]),
+        upstream_score=torch.tensor([[0.1, 0.0, 0.5, 0.9, 9.0]]), label_names=("relevance",),
+    )
+    t = logged_targets(batch, 10)
+    assert t.pages[0, :4].tolist() == [1, 2, 0, 3]
+    assert t.mask.tolist() == [[True, True, True, True, False]]
