@@ -70,3 +70,17 @@ def test_missing_file(tmp_path):
 def test_describe_lists_nested_help():
     lines = describe_config(Outer)
     assert any(line.startswith("inner.width (8): hidden width") for line in lines)
+
+
+@dataclass
+class Pair:
+    weights: tuple[float, float] = option((1.0, 2.0), "two weights")
+
+
+def test_fixed_length_tuple(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("weights: [3, 4.5]\n")
+    assert load_config(Pair, path).weights == (3.0, 4.5)
+    path.write_text("weights: [3]\n")
+    with pytest.raises(ConfigError, match="expected 2 items"):
+        load_config(Pair, path)

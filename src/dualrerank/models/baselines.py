@@ -1,0 +1,370 @@
+"""Score-and-sort baselines: upstream sort, a pointwise DNN, PRM and LambdaMART.
+
+- `UpstreamSort`: the upstream ranker's order (no parameters) [ours].
+- `PointwiseDNN`: an MLP on `[item features, context, item * W context]` [ours]; one score
+  per candidate, independent of the other candidates.
+- `PRM`: Personalized Re-ranking Model (Pei et al., RecSys 2019): a transformer over the
+  list in the upstream order with position embeddings of the upstream rank, then a score
+  per item [paper]. Here the input layer is the shared `CandidateEncoder` (its context
+  fusion plays the role of PRM's personalised vector) [ours], followed by the upstream-
+  rank embedding and `n_layers` bidirectional blocks [paper]; ranks beyond
+  `max_positions` share the last embedding [ours].
+- `LambdaMART`: LightGBM's LambdaMART (objective `lambdarank`, trained with `lightgbm.train`,
+  the engine behind `LGBMRanker`, which would also need scikit-learn) on candidate
+  features plus the broadcast context; one query group per request [Burges 2010, via
+  LightGBM].
+
+Supervised target shared by all trainable baselines (`supervised_gains`) [ours]: on
+graded lists the graded label; on logs the gain click + long view of each *shown* item,
+with unshown items excluded (unshown is not negative). The nn.Module baselines train with
+`losses.listwise_softmax_ce` on that gain; LambdaMART uses it as its integer relevance.
+
+Every model: `scores(batch) -> [B, n]` (padding = -inf) and `rerank(batch, k) -> [B, k]`
+by a stable sort (`decoding.sort_pages`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import torch
+from torch import nn
+
+from dualrerank.config import option
+from dualrerank.decoding import sort_pages
+from dualrerank.errors import CheckpointError, ConfigError, DataError
+from dualrerank.losses import listwise_softmax_ce
+from dualrerank.models.encoder import CandidateEncoder, EncoderConfig
+from dualrerank.models.evaluator import eval_mode, graded_column, page_feedback, upstream_order
+from dualrerank.models.layers import Block
+from dualrerank.schema import RerankBatch
+
+__all__ = [
+    "supervised_gains",
+    "UpstreamConfig",
+    "UpstreamSort",
+    "DNNConfig",
+    "PointwiseDNN",
+    "PRMConfig",
+    "PRM",
+    "LambdaMARTConfig",
+    "LambdaMART",
+]
+
+LOG_GAIN_NAMES = ("click", "long_view")
+
+
+def _has_logged_feedback(batch: RerankBatch) -> bool:
+    if batch.logged_page is None:
+        return False
+    if batch.logged_feedback is not None:
+        return all(x in batch.feedback_names for x in LOG_GAIN_NAMES)
+    return batch.labels is not None and all(x in batch.label_names for x in LOG_GAIN_NAMES)
+
+
+def supervised_gains(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-candidate training gain and the candidates it is defined for.
+
+    Logs (a logged page with click / long-view feedback): gain = click + long view of each
+    shown item, mask = shown items. Graded lists: the graded label, mask = valid candidates.
+
+    Returns:
+        gains `[B, n]` float (>= 0) and mask `[B, n]` bool.
+    """
+    B, n = batch.candidate_mask.shape
+    if _has_logged_feedback(batch):
+        fb, pmask = page_feedback(batch, LOG_GAIN_NAMES)
+        page = batch.logged_page.long().clamp(0, n - 1)
+        per_pos = torch.where(pmask, fb.sum(dim=-1), torch.zeros_like(fb[..., 0]))
+        gains = torch.zeros(B, n, device=page.device).scatter_add(1, page, per_pos)
+        shown = torch.zeros(B, n, dtype=torch.long, device=page.device).scatter_add(1, page, pmask.long()) > 0
+        mask = shown & batch.candidate_mask
+    else:
+        gains, mask = graded_column(batch), batch.candidate_mask
+    bad = ((gains < 0) & mask).any(dim=1)
+    if bool(bad.any()):
+        raise DataError(f"labels: negative gain in {batch.request_name(int(bad.nonzero()[0]))}; gains must be >= 0")
+    return torch.where(mask, gains, torch.zeros_like(gains)), mask
+
+
+def _mask_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, scores, torch.full_like(scores, -math.inf))
+
+
+def _check_dims(batch: RerankBatch, candidate_dim: int, context_dim: int, who: str) -> None:
+    if batch.candidate_dim != candidate_dim:
+        raise DataError(f"candidates: feature width {batch.candidate_dim} != the {who}'s {candidate_dim}")
+    if batch.context_dim != context_dim:
+        raise DataError(f"context: width {batch.context_dim} != the {who}'s {context_dim}")
+
+
+class _ScoreAndSort:
+    """`rerank` for models that define `scores(batch) -> [B, n]`."""
+
+    def rerank(self, batch: RerankBatch, k: int) -> torch.Tensor:
+        """`[B, k]` top-k candidates by score (ties: lower index first)."""
+        if isinstance(self, nn.Module):
+            with eval_mode(self):
+                s = self.scores(batch)
+        else:
+            s = self.scores(batch)
+        return sort_pages(s, batch.candidate_mask, k)
+
+
+# ---------------------------------------------------------------------- upstream sort
+@dataclass
+class UpstreamConfig:
+    fallback_feature: int = option(-1, "candidate feature column to sort by when a batch has no upstream_score (-1: none, error)")
+
+
+class UpstreamSort(_ScoreAndSort, nn.Module):
+    """Sort by `batch.upstream_score` (descending); no parameters."""
+
+    def __init__(self, config: UpstreamConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or UpstreamConfig()
+
+    def scores(self, batch: RerankBatch) -> torch.Tensor:
+        """`[B, n]` upstream scores, -inf at padding."""
+        if batch.upstream_score is not None:
+            s = batch.upstream_score.float()
+        elif 0 <= self.config.fallback_feature < batch.candidate_dim:
+            s = batch.candidates[..., self.config.fallback_feature].float()
+        else:
+            raise DataError("upstream_score: missing, and no valid fallback_feature configured for upstream sort")
+        return _mask_scores(s, batch.candidate_mask)
+
+    def forward(self, batch: RerankBatch) -> torch.Tensor:
+        return self.scores(batch)
+
+
+# ---------------------------------------------------------------------- pointwise DNN
+@dataclass
+class DNNConfig:
+    candidate_dim: int = option(0, "candidate feature width d (set from the data)")
+    context_dim: int = option(0, "context feature width c (set from the data)")
+    hidden: tuple[int, ...] = option((128, 64), "hidden layer widths of the MLP")
+    dropout: float = option(0.1, "dropout after each hidden layer")
+
+
+class PointwiseDNN(_ScoreAndSort, nn.Module):
+    """`scores = MLP([x, c, x * W c])` per candidate, with stored feature normalisation."""
+
+    def __init__(self, config: DNNConfig) -> None:
+        super().__init__()
+        if config.candidate_dim < 1:
+            raise ConfigError("candidate_dim: must be set to the data's feature width (>= 1)")
+        if any(h < 1 for h in config.hidden) or not 0.0 <= config.dropout < 1.0:
+            raise ConfigError(f"hidden/dropout: widths must be >= 1 and dropout in [0, 1), got {config.hidden}, {config.dropout}")
+        self.config = config
+        d, c = config.candidate_dim, max(config.context_dim, 1)
+        self.register_buffer("cand_mean", torch.zeros(d))
+        self.register_buffer("cand_std", torch.ones(d))
+        self.register_buffer("ctx_mean", torch.zeros(c))
+        self.register_buffer("ctx_std", torch.ones(c))
+        self.ctx_proj = nn.Linear(c, d)
+        layers: list[nn.Module] = []
+        width = 2 * d + c
+        for h in config.hidden:
+            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(config.dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    @torch.no_grad()
+    def fit_normalizer(self, batch: RerankBatch) -> None:
+        """Store the feature mean/std of `batch` (training data, valid candidates only)."""
+        x = batch.candidates[batch.candidate_mask]
+        self.cand_mean.copy_(x.mean(0))
+        self.cand_std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
+        if batch.context_dim > 0:
+            self.ctx_mean.copy_(batch.context.mean(0))
+            self.ctx_std.copy_(batch.context.std(0, unbiased=False).clamp_min(1e-6))
+
+    def scores(self, batch: RerankBatch) -> torch.Tensor:
+        """`[B, n]` scores, -inf at padding."""
+        _check_dims(batch, self.config.candidate_dim, self.config.context_dim, "DNN")
+        x = (batch.candidates - self.cand_mean) / self.cand_std
+        x = x * batch.candidate_mask.unsqueeze(-1).to(x.dtype)
+        ctx = batch.context if batch.context_dim > 0 else x.new_zeros(batch.batch_size, 1)
+        ctx = (ctx - self.ctx_mean) / self.ctx_std
+        cx = ctx.unsqueeze(1).expand(-1, x.shape[1], -1)
+        s = self.mlp(torch.cat([x, cx, x * self.ctx_proj(ctx).unsqueeze(1)], dim=-1)).squeeze(-1)
+        return _mask_scores(s, batch.candidate_mask)
+
+    def forward(self, batch: RerankBatch) -> torch.Tensor:
+        return self.scores(batch)
+
+    def loss(self, batch: RerankBatch) -> torch.Tensor:
+        """Listwise softmax cross-entropy on `supervised_gains` (shown items only for logs)."""
+        gains, mask = supervised_gains(batch)
+        return listwise_softmax_ce(self.scores(batch), gains, mask)
+
+
+# ---------------------------------------------------------------------- PRM
+@dataclass
+class PRMConfig:
+    encoder: EncoderConfig = option(factory=EncoderConfig, help="candidate encoder (feature fusion + bidirectional transformer)")
+    n_layers: int = option(2, "PRM transformer blocks after the upstream-rank embedding")
+    max_positions: int = option(100, "upstream ranks with their own embedding (deeper ranks share the last)")
+
+
+class PRM(_ScoreAndSort, nn.Module):
+    """Transformer over the list in upstream order (Pei et al. 2019), score-and-sort."""
+
+    def __init__(self, config: PRMConfig) -> None:
+        super().__init__()
+        enc = config.encoder
+        if enc.candidate_dim < 1:
+            raise ConfigError("encoder.candidate_dim: must be set to the data's feature width (>= 1)")
+        if config.n_layers < 1 or config.max_positions < 1:
+            raise ConfigError(f"n_layers/max_positions: must be >= 1, got {config.n_layers}, {config.max_positions}")
+        self.config = config
+        d = enc.d_model
+        self.encoder = CandidateEncoder(enc)
+        self.rank_emb = nn.Embedding(config.max_positions, d)
+        nn.init.normal_(self.rank_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(d, enc.n_heads, enc.ffn_mult, enc.dropout) for _ in range(config.n_layers))
+        self.ln_out = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 1)
+
+    def fit_normalizer(self, batch: RerankBatch) -> None:
+        """Store the feature mean/std of `batch` (training data) in the encoder."""
+        self.encoder.fit_normalizer(batch.candidates, batch.candidate_mask, batch.context)
+
+    def scores(self, batch: RerankBatch) -> torch.Tensor:
+        """`[B, n]` scores, -inf at padding."""
+        enc = self.config.encoder
+        _check_dims(batch, enc.candidate_dim, enc.context_dim, "PRM")
+        mask = batch.candidate_mask
+        order = upstream_order(batch)  # [B, n]: candidate at each upstream rank
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        h = self.encoder(batch.candidates, batch.context, mask)
+        h = h + self.rank_emb(rank.clamp(max=self.config.max_positions - 1))
+        allowed = mask.unsqueeze(1)
+        for block in self.blocks:
+            h, _ = block(h, allowed)
+        return _mask_scores(self.head(self.ln_out(h)).squeeze(-1), mask)
+
+    def forward(self, batch: RerankBatch) -> torch.Tensor:
+        return self.scores(batch)
+
+    def loss(self, batch: RerankBatch) -> torch.Tensor:
+        """Listwise softmax cross-entropy on `supervised_gains` (shown items only for logs)."""
+        gains, mask = supervised_gains(batch)
+        return listwise_softmax_ce(self.scores(batch), gains, mask)
+
+
+# ---------------------------------------------------------------------- LambdaMART
+@dataclass
+class LambdaMARTConfig:
+    candidate_dim: int = option(0, "candidate feature width d (set from the data)")
+    context_dim: int = option(0, "context feature width c (set from the data)")
+    n_estimators: int = option(300, "boosting rounds (upper bound when early stopping)")
+    num_leaves: int = option(31, "leaves per tree")
+    learning_rate: float = option(0.05, "shrinkage")
+    min_child_samples: int = option(20, "minimum rows per leaf")
+    early_stopping_rounds: int = option(30, "stop when validation NDCG has not improved for this many rounds (0: off)")
+    eval_at: int = option(10, "NDCG cutoff used for early stopping")
+    seed: int = option(0, "LightGBM random seed")
+    num_threads: int = option(2, "LightGBM threads")
+
+
+MODEL_FILE = "lightgbm.txt"
+
+
+class LambdaMART(_ScoreAndSort):
+    """LightGBM LambdaMART ranker (not an nn.Module): `fit`, `scores`, `rerank`, `save`/`load`."""
+
+    def __init__(self, config: LambdaMARTConfig) -> None:
+        if config.n_estimators < 1 or config.num_leaves < 2 or config.learning_rate <= 0 or config.eval_at < 1:
+            raise ConfigError("lambdamart: need n_estimators >= 1, num_leaves >= 2, learning_rate > 0, eval_at >= 1")
+        self.config = config
+        self.booster: lgb.Booster | None = None
+
+    def _features(self, batch: RerankBatch, rows: torch.Tensor) -> np.ndarray:
+        """`[rows.sum(), d + c]` features of the selected candidates, request by request."""
+        _check_dims(batch, self.config.candidate_dim, self.config.context_dim, "LambdaMART")
+        ctx = batch.context.unsqueeze(1).expand(-1, batch.num_candidates, -1)
+        return torch.cat([batch.candidates, ctx], dim=-1)[rows].double().cpu().numpy()
+
+    def _dataset(self, batch: RerankBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        gains, mask = supervised_gains(batch)
+        lab = gains[mask]
+        if bool((lab != lab.round()).any()) or bool((lab > 30).any()):
+            raise DataError("labels: LambdaMART needs integer gains in 0..30 (graded relevance or click + long view)")
+        sizes = mask.sum(dim=1)
+        groups = sizes[sizes > 0].cpu().numpy()
+        if groups.size == 0:
+            raise DataError("labels: no request has a labelled (shown) candidate to train on")
+        return self._features(batch, mask), lab.cpu().numpy().astype(np.int32), groups
+
+    def fit(self, train: RerankBatch, valid: RerankBatch | None = None) -> dict:
+        """Train on `train`; early-stop on NDCG@eval_at of `valid`. Returns a summary dict."""
+        cfg = self.config
+        X, y, g = self._dataset(train)
+        params = {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [cfg.eval_at],
+            "num_leaves": cfg.num_leaves,
+            "learning_rate": cfg.learning_rate,
+            "min_child_samples": cfg.min_child_samples,
+            "seed": cfg.seed,
+            "num_threads": cfg.num_threads,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbose": -1,
+        }
+        train_set = lgb.Dataset(X, y, group=g, params={"verbose": -1})
+        valid_sets, callbacks, record = [], [], {}
+        if valid is not None:
+            Xv, yv, gv = self._dataset(valid)
+            valid_sets = [lgb.Dataset(Xv, yv, group=gv, reference=train_set, params={"verbose": -1})]
+            callbacks.append(lgb.record_evaluation(record))
+            if cfg.early_stopping_rounds > 0:
+                callbacks.append(lgb.early_stopping(cfg.early_stopping_rounds, verbose=False))
+        booster = lgb.train(params, train_set, num_boost_round=cfg.n_estimators, valid_sets=valid_sets,
+                            valid_names=["valid"] * len(valid_sets), callbacks=callbacks)
+        self.booster = booster
+        best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
+        summary: dict = {"num_trees": booster.num_trees(), "best_iteration": best}
+        if valid is not None:
+            curve = record["valid"][f"ndcg@{cfg.eval_at}"]
+            summary[f"valid_ndcg@{cfg.eval_at}"] = float(curve[best - 1])
+        return summary
+
+    def scores(self, batch: RerankBatch) -> torch.Tensor:
+        """`[B, n]` LightGBM scores, -inf at padding."""
+        if self.booster is None:
+            raise ConfigError("lambdamart: model is not fitted; call fit() or load a checkpoint")
+        mask = batch.candidate_mask
+        pred = self.booster.predict(self._features(batch, mask), num_threads=self.config.num_threads)
+        out = torch.full(mask.shape, -math.inf, dtype=torch.float32, device=mask.device)
+        out[mask] = torch.from_numpy(np.asarray(pred, dtype=np.float32)).to(mask.device)
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        """Write LightGBM's model text file (best iteration) into `directory`."""
+        if self.booster is None:
+            raise ConfigError("lambdamart: model is not fitted; nothing to save")
+        self.booster.save_model(str(Path(directory) / MODEL_FILE))
+
+    def load(self, directory: str | Path) -> "LambdaMART":
+        """Read the model text file written by `save`; raises `CheckpointError` if unusable."""
+        path = Path(directory) / MODEL_FILE
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {MODEL_FILE} missing")
+        try:
+            booster = lgb.Booster(model_file=str(path))
+        except lgb.basic.LightGBMError as exc:
+            raise CheckpointError(f"checkpoint {directory}: {MODEL_FILE} is corrupt ({str(exc).splitlines()[0]})") from None
+        expected = self.config.candidate_dim + self.config.context_dim
+        if booster.num_feature() != expected:
+            raise CheckpointError(f"checkpoint {directory}: model has {booster.num_feature()} features, config says {expected}")
+        self.booster = booster
+        return self

@@ -1,0 +1,223 @@
+"""Checkpoints: a directory holding the weights and a JSON description, written atomically.
+
+Layout of a checkpoint directory:
+    config.json         {"format_version", "model" (registry name), "kind", "config"
+                         (the model's config as a dict), "files" (name -> sha256),
+                         "extra" (caller's JSON-ready dict), "dualrerank_version"}
+    model.safetensors   the state dict (nn.Module models), or
+    lightgbm.txt        LightGBM's model text file (LambdaMART)
+
+Atomicity: everything is written into a hidden sibling temp directory, every file and the
+directory are fsync'ed, then the temp directory is renamed onto the target (an existing
+checkpoint is first renamed aside, then removed). A reader therefore sees the old complete
+checkpoint, the new complete one, or none, never a partial one.
+
+Loading rebuilds the model from the registry and checks everything it reads: a missing
+directory or file, corrupt JSON, a checksum mismatch, a truncated or corrupt safetensors
+file, an unknown model name, a config the model rejects, or weights whose names or shapes
+do not fit the model all raise `CheckpointError` with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dualrerank import __version__
+from dualrerank.config import to_dict
+from dualrerank.errors import CheckpointError, ConfigError, DataError
+from dualrerank.models.registry import build_model, config_from_dict, get_spec
+
+__all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the renames durable; not every platform allows opening a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(obj: Any) -> Any:
+    """`json.dumps` fallback: tensors/NumPy scalars and arrays become numbers and lists."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def save_checkpoint(model: Any, directory: str | Path, name: str, extra: dict | None = None) -> Path:
+    """Write `model` (registry name `name`) to `directory` atomically; returns the directory.
+
+    Args:
+        model: an instance of the registry entry's class (it must keep `model.config`).
+        directory: target directory (replaced atomically if it exists).
+        name: registry name, e.g. "teacher", "evaluator", "lambdamart".
+        extra: JSON-ready metadata to store (epoch, validation figures, ...).
+    """
+    spec = get_spec(name)
+    if not isinstance(model, spec.model_class):
+        raise ConfigError(f"checkpoint: model is a {type(model).__name__}, registry entry {name!r} is {spec.model_class.__name__}")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"checkpoint: {target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        if isinstance(model, nn.Module):
+            # Clones: safetensors refuses tensors that share storage, and wants them contiguous.
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"model": name})
+        else:
+            model.save(tmp)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        for fname in files:
+            _fsync_file(tmp / fname)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": name,
+            "kind": spec.kind,
+            "config": to_dict(model.config),
+            "files": files,
+            "extra": extra or {},
+            "dualrerank_version": __version__,
+        }
+        try:
+            text = json.dumps(meta, indent=2, default=_jsonable)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint: extra metadata is not JSON-serialisable ({exc})") from None
+        with open(tmp / CONFIG_FILE, "w") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if target.exists():
+            aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, aside)
+            os.replace(tmp, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:
+    """The parsed and checked `config.json` of a checkpoint directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint: directory not found: {d}")
+    path = d / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} missing (incomplete or not a checkpoint)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {d}: cannot read {CONFIG_FILE} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} must hold a JSON object")
+    missing = [k for k in ("format_version", "model", "config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} lacks {missing}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {d}: format_version {meta['format_version']!r} unsupported (this dualrerank reads {FORMAT_VERSION})")
+    if not isinstance(meta["config"], dict) or not isinstance(meta.get("files", {}), dict):
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} fields 'config' and 'files' must be JSON objects")
+    return meta
+
+
+def _check_files(d: Path, files: dict[str, str]) -> None:
+    for fname, digest in files.items():
+        path = d / fname
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {d}: {fname} missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {d}: {fname} is corrupt or truncated (checksum mismatch)")
+
+
+def _load_state(model: nn.Module, d: Path, map_location: str | torch.device) -> None:
+    path = d / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {d}: {WEIGHTS_FILE} missing")
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {d}: {WEIGHTS_FILE} is unreadable ({first})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"checkpoint {d}: weights do not fit the model ({what})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                f"checkpoint {d}: weight {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # A NaN/inf weight makes every output NaN: refuse it here rather than serve garbage.
+            raise CheckpointError(f"checkpoint {d}: weight {key!r} holds NaN/inf")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Rebuild the model saved in `directory` (in eval mode for nn.Module models)."""
+    d = Path(directory)
+    meta = read_checkpoint_info(d)
+    name = meta["model"]
+    try:
+        get_spec(name)
+        config = config_from_dict(name, meta["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {d}: {exc}") from None
+    _check_files(d, meta.get("files", {}))
+    try:
+        model = build_model(name, config)
+    except (ConfigError, DataError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {d}: the stored config does not build a {name!r} model ({exc})") from None
+    if isinstance(model, nn.Module):
+        _load_state(model, d, map_location)
+        model.to(map_location)
+        model.eval()
+    else:
+        model.load(d)
+    return model
