@@ -255,6 +255,9 @@ def test_normalized_utility_affine_invariance(seed: int, B: int, scale: float, s
     o = r + 0.1 + torch.rand(B, generator=g, dtype=torch.float64)
     u = r + (o - r) * (torch.rand(B, generator=g, dtype=torch.float64) * 1.4 - 0.2)
     base = normalized_utility(u, r, o)
+    # The shift is in units of the scale: the degeneracy guard is relative to |U|, so a shift
+    # far larger than the gap legitimately turns a request degenerate.
+    shift = shift * scale
     moved = normalized_utility(u * scale + shift, r * scale + shift, o * scale + shift)
     torch.testing.assert_close(moved, base, atol=1e-7, rtol=1e-7)
     ratio = normalized_utility_mean(u, r, o)

@@ -1,0 +1,211 @@
+"""The simulated world: determinism, shapes, valid pages, exactness of the expected utility."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dualrerank.config import from_dict
+from dualrerank.errors import ConfigError, DataError
+from dualrerank.schema import RerankBatch
+from dualrerank.sim import Feedback, World, WorldConfig, WorldState
+
+L = 10
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(WorldConfig(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def sample(world):
+    return world.sample_requests(96, 1)
+
+
+def _assert_valid_pages(pages: torch.Tensor, mask: torch.Tensor, L: int) -> None:
+    assert pages.dtype == torch.int64 and pages.shape[-1] == L
+    flat = pages.reshape(pages.shape[0], -1)
+    assert bool(mask.gather(1, flat).all()), "a page shows a padded candidate"
+    s = pages.sort(dim=-1).values
+    assert bool((s[..., 1:] != s[..., :-1]).all()), "a page repeats a candidate"
+
+
+def test_same_seed_same_world_and_requests():
+    a, b = World(WorldConfig(), 3), World(WorldConfig(), 3)
+    sa, ba = a.sample_requests(20, 5)
+    sb, bb = b.sample_requests(20, 5)
+    for name in ("candidates", "context", "item_ids", "upstream_score"):
+        assert torch.equal(getattr(ba, name), getattr(bb, name)), name
+    assert torch.equal(sa.topic, sb.topic) and torch.equal(sa.match, sb.match)
+    pages = a.random_pages(sa, L, 1)
+    assert torch.equal(a.expected_utility(sa, pages), b.expected_utility(sb, pages))
+    fa, fb = a.sample_feedback(sa, pages, 9), b.sample_feedback(sb, pages, 9)
+    assert torch.equal(fa.stacked(), fb.stacked()) and torch.equal(fa.reformulate, fb.reformulate)
+    assert torch.equal(a.oracle_pages(sa, L), b.oracle_pages(sb, L))
+    # another request seed: other requests of the same world
+    sc, _ = a.sample_requests(20, 6)
+    assert not torch.equal(sa.item_ids, sc.item_ids)
+    # another world seed: another catalogue
+    assert not torch.equal(World(WorldConfig(), 4).catalogue.topic, a.catalogue.topic)
+
+
+def test_batch_is_observable_and_validated(world, sample):
+    state, batch = sample
+    assert isinstance(batch, RerankBatch) and isinstance(state, WorldState)
+    B, n = 96, world.config.requests.num_candidates
+    assert batch.candidates.shape == (B, n, len(world.candidate_feature_names))
+    assert batch.context.shape == (B, len(world.context_feature_names))
+    assert batch.labels is None and batch.logged_page is None
+    assert torch.equal(batch.upstream_score, batch.candidates[..., 0])
+    batch.validate(k=L)
+    # categories are observable as one-hot; the topic embedding is noisy, not the latent
+    C, k = world.config.catalogue.num_categories, world.config.catalogue.topic_dim
+    onehot = batch.candidates[..., 1 + k : 1 + k + C]
+    assert torch.equal(onehot.argmax(-1), state.category)
+    assert not torch.allclose(batch.candidates[..., 1 : 1 + k], state.topic, atol=0.05)
+    # candidates are shuffled: index order says nothing about relevance
+    assert abs(float(torch.corrcoef(torch.stack([batch.upstream_score.flatten(), torch.arange(n).repeat(B).float()]))[0, 1])) < 0.05
+
+
+def test_item_ids_unique_and_from_catalogue(world, sample):
+    state, batch = sample
+    ids = batch.item_ids
+    assert bool((ids >= 0).all()) and bool((ids < world.catalogue.num_items).all())
+    s = ids.sort(dim=1).values
+    assert bool((s[:, 1:] != s[:, :-1]).all())
+    assert torch.equal(state.category, world.catalogue.category[ids])
+
+
+def test_policies_give_valid_pages(world, sample):
+    state, batch = sample
+    mask = state.candidate_mask
+    pages, propensity = world.logging_pages(state, L, 2)
+    for p in (
+        world.oracle_pages(state, L),
+        world.greedy_pages(state, L),
+        world.pointwise_oracle_pages(state, L),
+        world.upstream_pages(state, L),
+        world.upstream_pages(batch, L),
+        world.random_pages(state, L, 3),
+        pages,
+    ):
+        _assert_valid_pages(p, mask, L)
+    _assert_valid_pages(world.random_pages(state, L, 3, groups=5), mask, L)
+    assert propensity.shape == (96,) and bool(((propensity > 0) & (propensity <= 1)).all())
+    assert torch.equal(world.upstream_pages(state, L), world.upstream_pages(batch, L))
+    up = state.upstream_score.gather(1, world.upstream_pages(state, L))
+    assert bool((up[:, 1:] <= up[:, :-1]).all())
+
+
+def test_expected_utility_shapes_and_groups(world, sample):
+    state, _ = sample
+    pages = world.random_pages(state, L, 4, groups=3)
+    u_group = world.expected_utility(state, pages)
+    assert u_group.shape == (96, 3)
+    for g in range(3):
+        assert torch.allclose(u_group[:, g], world.expected_utility(state, pages[:, g]), atol=1e-5)
+    e = world.expectation(state, pages[:, 0])
+    assert e.click.shape == (96, L) and e.reformulate.shape == (96,)
+    assert bool((e.examine[:, 0] == 1).all()) and bool((e.examine[:, 1:] <= e.examine[:, :-1] + 1e-7).all())
+    assert bool((e.long_view <= e.click + 1e-7).all())
+
+
+def test_expected_utility_is_the_mean_of_sampled_utility(world, sample):
+    state, _ = sample
+    state = state.select(slice(0, 32))
+    pages = world.random_pages(state, L, 5)
+    exp = world.expectation(state, pages)
+    G = 3000
+    fb = world.sample_feedback(state, pages.unsqueeze(1).expand(-1, G, -1), torch.Generator().manual_seed(6))
+    assert isinstance(fb, Feedback) and fb.click.shape == (32, G, L) and fb.reformulate.shape == (32, G)
+    realised = world.realised_utility(fb)
+    z = (realised.mean(1) - exp.utility) / (realised.std(1) / G**0.5)
+    # 32 z-scores of a correct model are ~N(0, 1); a biased model fails by many sigmas
+    assert float((z**2).mean()) < 2.0 and float(z.abs().max()) < 4.5
+    for name in ("click", "long_view", "watch_time"):
+        mc, ex = getattr(fb, name).mean(1), getattr(exp, name)
+        assert torch.allclose(mc, ex, atol=0.05 * max(1.0, float(ex.max()))), name
+    assert torch.allclose(fb.reformulate.mean(1), exp.reformulate, atol=0.05)
+    # feedback is coherent: long views and watch time only on clicks; watch <= duration
+    assert bool((fb.long_view <= fb.click).all())
+    assert bool(((fb.watch_time > 0) <= (fb.click > 0)).all())
+    assert bool((fb.watch_time <= state.duration.gather(1, pages).unsqueeze(1) + 1e-3).all())
+
+
+def test_oracle_beats_baselines_and_normalizes_to_one(world, sample):
+    state, _ = sample
+    ref = world.reference(state, L)
+    u = {name: world.expected_utility(state, p) for name, p in {
+        "oracle": ref.oracle_pages,
+        "greedy": world.greedy_pages(state, L),
+        "upstream": world.upstream_pages(state, L),
+        "random": world.random_pages(state, L, 7),
+    }.items()}
+    # the oracle is the best of beam search and greedy, request by request
+    assert bool((u["oracle"] >= u["greedy"] - 1e-5).all())
+    assert float(u["oracle"].mean()) > float(u["upstream"].mean()) > float(u["random"].mean())
+    assert torch.allclose(world.normalized_utility(state, ref.oracle_pages, ref), torch.ones(96), atol=1e-5)
+    random_nu = world.normalized_utility(state, world.random_pages(state, L, 8, groups=8), ref)
+    assert random_nu.shape == (96, 8)
+    assert abs(float(random_nu.mean())) < 0.05
+
+
+def test_beam_utility_matches_exact_evaluation(world, sample):
+    from dualrerank.sim.policies import beam_search
+    from dualrerank.sim.response import item_view
+
+    state, _ = sample
+    pages, utility = beam_search(world.params, item_view(world.params, state), L, 4)
+    assert torch.allclose(utility, world.expected_utility(state, pages), atol=1e-4)
+    assert bool((utility[:, 1:] <= utility[:, :-1]).all())
+
+
+def test_logging_propensities_are_the_policy_probabilities():
+    cfg = from_dict(WorldConfig, {"page_length": 2, "requests": {"num_candidates": 4}, "catalogue": {"num_items": 50}})
+    world = World(cfg, 0)
+    state, _ = world.sample_requests(1, 0)
+    many = state.select(torch.zeros(6000, dtype=torch.long))
+    pages, prop = world.logging_pages(many, 2, 1)
+    seen = {}
+    for page, p in zip(pages.tolist(), prop.tolist()):
+        seen[tuple(page)] = p
+    assert len(seen) == 12  # all 4 * 3 ordered pages occur
+    assert sum(seen.values()) == pytest.approx(1.0, abs=1e-5)  # exact probabilities of the mixture
+    for page, p in seen.items():
+        freq = sum(1 for q in pages.tolist() if tuple(q) == page) / len(pages)
+        assert freq == pytest.approx(p, abs=4 * (p * (1 - p) / len(pages)) ** 0.5 + 1e-3)
+
+
+def test_bad_input_is_a_clear_error(world, sample):
+    state, _ = sample
+    with pytest.raises(DataError, match="page_length"):
+        world.oracle_pages(state, 51)
+    with pytest.raises(DataError, match="page_length"):
+        world.random_pages(state, 0, 1)
+    with pytest.raises(DataError, match="repeats"):
+        world.expected_utility(state, torch.zeros(96, 3, dtype=torch.long))
+    with pytest.raises(DataError, match="out of range"):
+        world.expected_utility(state, torch.full((96, 2), 50))
+    with pytest.raises(DataError, match="rows"):
+        world.expected_utility(state, torch.zeros(5, 1, dtype=torch.long))
+    with pytest.raises(DataError, match="num_requests"):
+        world.sample_requests(0, 1)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(WorldConfig, {"response": {"redundnacy": 1.0}})
+    with pytest.raises(ConfigError, match="redundancy_decay"):
+        from_dict(WorldConfig, {"response": {"redundancy_decay": 2.0}})
+    with pytest.raises(ConfigError, match="page_length"):
+        from_dict(WorldConfig, {"page_length": 60})
+    with pytest.raises(ConfigError, match="durations"):
+        World(replace(WorldConfig(), catalogue=replace(WorldConfig().catalogue, durations="/no/such.csv")))
+
+
+def test_lognormal_durations_have_the_kuairand_median():
+    from dualrerank.sim.catalogue import MEDIAN_DURATION_S
+
+    cfg = from_dict(WorldConfig, {"catalogue": {"durations": "lognormal"}})
+    d = World(cfg, 0).catalogue.duration
+    assert float(d.median()) == pytest.approx(MEDIAN_DURATION_S, rel=0.08)
