@@ -61,6 +61,20 @@ def test_train_teacher_writes_run_dir_and_resumes(tmp_path, capsys):
     assert again["requests"] == 48 and math.isfinite(again["normalized_utility"])
 
 
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    cfg = _config(tmp_path, **{"optim.epochs": 3, "optim.patience": 10, "model_config.dropout": 0.1})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--model", "nar", "--config", str(cfg), "--out", str(straight)]) == 0
+    assert main(["train", "--model", "nar", "--config", str(cfg), "--out", str(split), "--epochs", "2"]) == 0
+    assert main(["train", "--out", str(split), "--resume", "--epochs", "3"]) == 0
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(split) == losses(straight)
+    assert (split / "checkpoint" / "model.safetensors").read_bytes() == (straight / "checkpoint" / "model.safetensors").read_bytes()
+
+
 def test_resume_without_run_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "config.yaml not found" in capsys.readouterr().err

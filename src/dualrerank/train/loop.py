@@ -103,6 +103,9 @@ def fit(
             stopped_early = True
             break
         epoch = state["epoch"] + 1
+        # Dropout draws from torch's default generator; reseeding it per epoch makes a
+        # resumed run continue exactly as an uninterrupted one would.
+        torch.manual_seed(seed * 100_003 + epoch)
         model.train()
         order = torch.randperm(B, generator=gen)
         starts = range(0, B, optim.batch_size)
