@@ -115,6 +115,18 @@ class _ScoreAndSort:
         return sort_pages(s, batch.candidate_mask, k)
 
 
+class _ListwiseTrained(_ScoreAndSort):
+    """Score-and-sort models trained by listwise softmax cross-entropy (DNN, PRM)."""
+
+    def forward(self, batch: RerankBatch) -> torch.Tensor:
+        return self.scores(batch)
+
+    def loss(self, batch: RerankBatch) -> torch.Tensor:
+        """Listwise softmax cross-entropy on `supervised_gains` (shown items only for logs)."""
+        gains, mask = supervised_gains(batch)
+        return listwise_softmax_ce(self.scores(batch), gains, mask)
+
+
 # ---------------------------------------------------------------------- upstream sort
 @dataclass
 class UpstreamConfig:
@@ -151,7 +163,7 @@ class DNNConfig:
     dropout: float = option(0.1, "dropout after each hidden layer")
 
 
-class PointwiseDNN(_ScoreAndSort, nn.Module):
+class PointwiseDNN(_ListwiseTrained, nn.Module):
     """`scores = MLP([x, c, x * W c])` per candidate, with stored feature normalisation."""
 
     def __init__(self, config: DNNConfig) -> None:
@@ -196,14 +208,6 @@ class PointwiseDNN(_ScoreAndSort, nn.Module):
         s = self.mlp(torch.cat([x, cx, x * self.ctx_proj(ctx).unsqueeze(1)], dim=-1)).squeeze(-1)
         return _mask_scores(s, batch.candidate_mask)
 
-    def forward(self, batch: RerankBatch) -> torch.Tensor:
-        return self.scores(batch)
-
-    def loss(self, batch: RerankBatch) -> torch.Tensor:
-        """Listwise softmax cross-entropy on `supervised_gains` (shown items only for logs)."""
-        gains, mask = supervised_gains(batch)
-        return listwise_softmax_ce(self.scores(batch), gains, mask)
-
 
 # ---------------------------------------------------------------------- PRM
 @dataclass
@@ -213,7 +217,7 @@ class PRMConfig:
     max_positions: int = option(100, "upstream ranks with their own embedding (deeper ranks share the last)")
 
 
-class PRM(_ScoreAndSort, nn.Module):
+class PRM(_ListwiseTrained, nn.Module):
     """Transformer over the list in upstream order (Pei et al. 2019), score-and-sort."""
 
     def __init__(self, config: PRMConfig) -> None:
@@ -249,14 +253,6 @@ class PRM(_ScoreAndSort, nn.Module):
         for block in self.blocks:
             h, _ = block(h, allowed)
         return _mask_scores(self.head(self.ln_out(h)).squeeze(-1), mask)
-
-    def forward(self, batch: RerankBatch) -> torch.Tensor:
-        return self.scores(batch)
-
-    def loss(self, batch: RerankBatch) -> torch.Tensor:
-        """Listwise softmax cross-entropy on `supervised_gains` (shown items only for logs)."""
-        gains, mask = supervised_gains(batch)
-        return listwise_softmax_ce(self.scores(batch), gains, mask)
 
 
 # ---------------------------------------------------------------------- LambdaMART

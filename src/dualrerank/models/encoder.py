@@ -78,3 +78,20 @@ class CandidateEncoder(nn.Module):
         for block in self.blocks:
             h, _ = block(h, allowed)
         return self.ln_out(h)
+
+
+def check_decoder_config(
+    encoder: EncoderConfig, n_layers: int, n_heads: int, ffn_mult: int, length_name: str, length: int, dropout: float
+) -> None:
+    """One-line `ConfigError` for a generator whose decoder sits on `encoder` (teacher, student)."""
+    from dualrerank.errors import ConfigError
+
+    if encoder.candidate_dim < 1:
+        raise ConfigError("encoder.candidate_dim: must be set to the data's feature width (>= 1)")
+    for name, value in (("n_layers", n_layers), ("n_heads", n_heads), ("ffn_mult", ffn_mult), (length_name, length)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if encoder.d_model % n_heads or encoder.d_model % encoder.n_heads:
+        raise ConfigError(f"encoder.d_model={encoder.d_model} must be divisible by the attention heads")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout: must be in [0, 1), got {dropout}")

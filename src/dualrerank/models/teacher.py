@@ -37,7 +37,7 @@ from dualrerank.decoding import (
     sequential_log_prob,
 )
 from dualrerank.errors import ConfigError, DataError
-from dualrerank.models.encoder import CandidateEncoder, EncoderConfig
+from dualrerank.models.encoder import CandidateEncoder, EncoderConfig, check_decoder_config
 from dualrerank.models.layers import Block
 from dualrerank.schema import RerankBatch
 
@@ -75,17 +75,8 @@ class _Memory:
 
 
 def _check_config(config: TeacherConfig) -> None:
-    enc = config.encoder
-    if enc.candidate_dim < 1:
-        raise ConfigError("encoder.candidate_dim: must be set to the data's feature width (>= 1)")
-    for name, value in (("n_layers", config.n_layers), ("n_heads", config.n_heads),
-                        ("ffn_mult", config.ffn_mult), ("max_length", config.max_length)):
-        if value < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {value}")
-    if enc.d_model % config.n_heads or enc.d_model % enc.n_heads:
-        raise ConfigError(f"encoder.d_model={enc.d_model} must be divisible by the attention heads")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ConfigError(f"dropout: must be in [0, 1), got {config.dropout}")
+    check_decoder_config(config.encoder, config.n_layers, config.n_heads, config.ffn_mult,
+                         "max_length", config.max_length, config.dropout)
 
 
 class ARTeacher(nn.Module):
