@@ -175,6 +175,17 @@ def test_export_command_writes_and_checks(tmp_path, capsys):
     assert out.is_file() and report["parity"]["ok"] and report["parity"]["max_abs_diff"] < 1e-4
 
 
+def test_export_and_serving_accept_a_run_directory(tmp_path, capsys):
+    from dualrerank.serve.runtime import load_serving_model
+
+    run = tmp_path / "run"
+    save_checkpoint(tiny_student(), run / "checkpoint", "student")  # the layout train/distill write
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "s.onnx")]) == 0
+    assert json.loads(capsys.readouterr().out)["parity"]["ok"]
+    model = load_serving_model(run, backend="torch", warmup=False)
+    assert model.model_version.startswith("student-")
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "not_a_student"])
 def test_export_command_bad_checkpoint_exits_2(tmp_path, capsys, damage):
     ck = tmp_path / "ck"

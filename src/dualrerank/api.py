@@ -16,18 +16,9 @@ from typing import Any
 
 import torch
 
-from dualrerank.errors import CheckpointError, ConfigError
+from dualrerank.errors import ConfigError
+from dualrerank.models.checkpoint import resolve_checkpoint
 from dualrerank.schema import RerankBatch
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, given either itself or a run directory that holds `checkpoint/`."""
-    p = Path(path)
-    if (p / "checkpoint" / "config.json").is_file():
-        return p / "checkpoint"
-    if not p.exists():
-        raise CheckpointError(f"checkpoint: {p} does not exist")
-    return p
 
 
 class DualReranker:

@@ -39,7 +39,10 @@ from dualrerank.config import to_dict
 from dualrerank.errors import CheckpointError, ConfigError, DataError
 from dualrerank.models.registry import build_model, config_from_dict, get_spec
 
-__all__ = ["FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]
+__all__ = [
+    "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_checkpoint", "load_checkpoint", "read_checkpoint_info",
+    "resolve_checkpoint",
+]
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -221,3 +224,13 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     else:
         model.load(d)
     return model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, given either itself or a run directory that holds `checkpoint/`."""
+    p = Path(path)
+    if (p / "checkpoint" / "config.json").is_file():
+        return p / "checkpoint"
+    if not p.exists():
+        raise CheckpointError(f"checkpoint: {p} does not exist")
+    return p

@@ -248,9 +248,10 @@ class ServingModel:
 
 def load_student(checkpoint: str | Path) -> Any:
     """The NAR student stored in `checkpoint`; `CheckpointError` if it holds another model."""
-    from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info
+    from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info, resolve_checkpoint
     from dualrerank.models.registry import get_spec
 
+    checkpoint = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_info(checkpoint)
     try:
         kind = get_spec(meta["model"]).kind
@@ -301,7 +302,9 @@ def load_serving_model(
         raise ConfigError(f"backend: {backend!r} is not one of ['onnx', 'torch']")
     if threads < 1:
         raise ConfigError(f"threads: must be >= 1, got {threads}")
-    root = Path(checkpoint)
+    from dualrerank.models.checkpoint import resolve_checkpoint
+
+    root = resolve_checkpoint(checkpoint)
     student = load_student(root)
     evaluator = _load_evaluator(root / EVALUATOR_DIR, student) if (root / EVALUATOR_DIR).exists() else None
     expected = student_metadata(student)
