@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from dualrerank.config import describe_config, dump_config, load_config, option
+from dualrerank.config import describe_config, dump_config, from_dict, load_config, option
 from dualrerank.errors import ConfigError
 
 
@@ -84,3 +84,14 @@ def test_fixed_length_tuple(tmp_path):
     path.write_text("weights: [3]\n")
     with pytest.raises(ConfigError, match="expected 2 items"):
         load_config(Pair, path)
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    from dualrerank.train.supervised import TrainConfig
+
+    cfg = from_dict(TrainConfig, {"evaluator_optim": {"lr": 0.01}})
+    assert cfg.evaluator_optim.epochs == 8 and cfg.evaluator_optim.lr == 0.01  # factory OptimConfig(epochs=8)
+    assert from_dict(TrainConfig, {}).evaluator_optim.epochs == 8
+    lines = describe_config(TrainConfig)
+    assert any(line.startswith("evaluator_optim.epochs (8)") for line in lines)
+    assert any(line.startswith("optim.epochs (20)") for line in lines)

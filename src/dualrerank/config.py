@@ -113,6 +113,10 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     kwargs = {}
     for name, value in data.items():
         f = known[name]
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            # A partial section overrides the field's own default (e.g. `OptimConfig(epochs=8)`),
+            # not the section class's defaults.
+            value = _merge(to_dict(f.default_factory()), value)
         v = _coerce(value, hints[name], f"{where}.{name}")
         choices = f.metadata.get("choices")
         if choices is not None and v not in choices:
@@ -123,6 +127,13 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return obj
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
@@ -176,17 +187,23 @@ def dump_config(obj: Any, path: str | Path) -> None:
     tmp.replace(p)
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
-    """One line per (nested) field: `key (default): help`, for --help and docs."""
+def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per (nested) field: `key (default): help`, for --help and docs. Nested
+    sections show their field's own defaults (`defaults`: the instance they come from)."""
     lines = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.extend(describe_config(tp, key + "."))
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.extend(describe_config(hints[f.name], key + ".", default if default != "required" else None))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
-        )
         lines.append(f"{key} ({default!r}): {f.metadata.get('help', '')}")
     return lines
