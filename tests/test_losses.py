@@ -230,3 +230,24 @@ def test_kd_loss_target_mask_drops_positions():
     first, _ = kd_loss(q, z, cm, torch.tensor([[0, 1]]), target_mask=torch.tensor([[True, False]]))
     assert first.item() == pytest.approx(0.5 * math.log(2.0), abs=1e-6)
     assert full.item() > first.item()
+
+
+def test_kd_loss_page_unlikelihood_covers_later_page_items():
+    # Page y = (0, 1) of 3 candidates. Row 0 puts its mass on item 1, which the teacher
+    # places later: 'prefix' unlikelihood ignores it (nothing precedes row 0), 'page' does not.
+    z = torch.tensor([[[0.0, 3.0, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    q = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    y = torch.tensor([[0, 1]])
+    p = torch.softmax(z.detach(), -1)
+    _, prefix = kd_loss(q, z, mask, y, unlikelihood=1.0, unlikelihood_items="prefix")
+    _, page = kd_loss(q, z, mask, y, unlikelihood=1.0, unlikelihood_items="page")
+    # prefix: only row 1 on item 0; page: row 0 on item 1 and row 1 on item 0 (w_t = 1/2).
+    assert prefix["unlikelihood"].item() == pytest.approx(0.5 * -math.log(1 - p[0, 1, 0].item()), rel=1e-5)
+    expected = 0.5 * (-math.log(1 - p[0, 0, 1].item()) - math.log(1 - p[0, 1, 0].item()))
+    assert page["unlikelihood"].item() == pytest.approx(expected, rel=1e-5)
+    loss, _ = kd_loss(q, z, mask, y, unlikelihood=1.0, unlikelihood_items="page")
+    loss.backward()
+    assert z.grad[0, 0, 1] > 0  # descending pushes row 0 away from the later item
+    with pytest.raises(ConfigError, match="unlikelihood_items"):
+        kd_loss(q, z, mask, y, unlikelihood=1.0, unlikelihood_items="all")

@@ -209,6 +209,7 @@ def kd_loss(
     mask_mode: Literal["none", "prefix"] = "none",
     unlikelihood: float = 0.0,
     target_mask: torch.Tensor | None = None,
+    unlikelihood_items: Literal["prefix", "page"] = "prefix",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sequential knowledge distillation loss (method.md section 3).
 
@@ -231,6 +232,9 @@ def kd_loss(
         mask_mode: "none" or "prefix" (see above).
         unlikelihood: weight of the unlikelihood term on the teacher prefix.
         target_mask: `[B, L]` bool positions that exist (default: all).
+        unlikelihood_items: "prefix" (items the teacher placed before t) or "page" (every
+            item of the teacher's page except y_t: an unmasked row must also not peak on an
+            item that belongs to a later position, the other half of a collision).
 
     Returns:
         (loss scalar, parts) with parts `kl`, `ce`, `unlikelihood` (detached, each already
@@ -240,6 +244,8 @@ def kd_loss(
         raise ConfigError(f"kd_loss: tau must be > 0, got {tau}")
     if mask_mode not in ("none", "prefix"):
         raise ConfigError(f"kd_loss: mask_mode {mask_mode!r} is not one of ['none', 'prefix']")
+    if unlikelihood_items not in ("prefix", "page"):
+        raise ConfigError(f"kd_loss: unlikelihood_items {unlikelihood_items!r} is not one of ['prefix', 'page']")
     B, L, n = student_logits.shape
     if teacher_probs.shape != student_logits.shape or tuple(target.shape) != (B, L):
         raise ValueError(
@@ -270,7 +276,13 @@ def kd_loss(
 
     if unlikelihood > 0 and mask_mode == "none":
         p = logp_safe.exp().clamp(max=1.0 - 1e-6)
-        ul = torch.where(prefix & allowed, -torch.log1p(-p), torch.zeros_like(p)).sum(dim=-1)
+        penalised = prefix
+        if unlikelihood_items == "page":
+            on_page = torch.zeros(B, n, dtype=torch.bool, device=target.device)
+            on_page.scatter_(1, target.clamp(0, n - 1), tmask)
+            own = torch.nn.functional.one_hot(target.clamp(0, n - 1), n).bool()
+            penalised = on_page.unsqueeze(1) & ~own
+        ul = torch.where(penalised & allowed, -torch.log1p(-p), torch.zeros_like(p)).sum(dim=-1)
     else:
         ul = torch.zeros_like(kl_t)
 
