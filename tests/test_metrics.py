@@ -525,7 +525,7 @@ def test_certificate_is_not_vacuous() -> None:
     assert cert.ptar_lower[:32].mean().item() > 0.5  # a close student is largely certified
     assert cert.ptar_lower[32:].mean().item() < cert.ptar_lower[:32].mean().item()
     summary = cert.summary(4)
-    assert set(summary) == {"cert/prefix", "cert/ptar_lower", "cert/ptar@4_lower", "cert/step_share"}
+    assert set(summary) == {"certified_prefix", "certified_ptar", "certified_ptar@4", "certified_step_share"}
 
 
 def test_prefix_masked_probs_and_step_mask() -> None:
@@ -555,7 +555,7 @@ def test_distillation_diagnostics() -> None:
     out = distillation_diagnostics(Z, mask, student, y, teacher_probs=prefix_masked_probs(S, mask, y))
     assert set(out) == {
         "ptar", "ptar@4", "exact_match", "collapse_rate", "collision_share", "row_js", "row_entropy",
-        "cert/prefix", "cert/ptar_lower", "cert/ptar@4_lower", "cert/step_share",
+        "certified_prefix", "certified_ptar", "certified_ptar@4", "certified_step_share",
     }
-    assert out["ptar"] >= out["cert/ptar_lower"]
+    assert out["ptar"] >= out["certified_ptar"]
     assert all(isinstance(v, float) for v in out.values())

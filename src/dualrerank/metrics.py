@@ -712,10 +712,10 @@ class Certificate:
         """Batch means under the names logged by training (docs/metrics.md)."""
         steps = self.length.sum()
         return {
-            "cert/prefix": batch_mean(self.prefix.to(_F)),
-            "cert/ptar_lower": batch_mean(self.ptar_lower),
-            f"cert/ptar@{k}_lower": batch_mean(self.ptar_lower_at(k)),
-            "cert/step_share": float(self.certified.sum() / steps) if int(steps) > 0 else math.nan,
+            "certified_prefix": batch_mean(self.prefix.to(_F)),
+            "certified_ptar": batch_mean(self.ptar_lower),
+            f"certified_ptar@{k}": batch_mean(self.ptar_lower_at(k)),
+            "certified_step_share": float(self.certified.sum() / steps) if int(steps) > 0 else math.nan,
         }
 
 
@@ -844,7 +844,7 @@ def distillation_diagnostics(
     Returns:
         floats named ``ptar``, ``ptar@k``, ``exact_match``, ``collapse_rate``,
         ``collision_share``, ``row_js``, ``row_entropy`` and, with `teacher_probs`,
-        ``cert/prefix``, ``cert/ptar_lower``, ``cert/ptar@k_lower``, ``cert/step_share``.
+        ``certified_prefix``, ``certified_ptar``, ``certified_ptar@k``, ``certified_step_share``.
     """
     agreement = ptar(student_page, teacher_page, page_mask, k=k)
     out = {name: float(agreement[f"{name}_mean"]) for name in ("ptar", f"ptar@{k}", "exact_match")}  # type: ignore[arg-type]
