@@ -69,7 +69,8 @@ def _problem(seed: int, B: int = 5, L: int = 4, n: int = 7):
 def test_kd_term_is_zero_when_student_rows_equal_teacher_rows(kd_mask):
     cmask, path, pmask, q, _ = _problem(0)
     z = torch.log(q)  # -inf exactly where q is 0: the student's rows are the teacher's
-    cfg = DistillConfig(tau=1.0, alpha=0.0, unlikelihood=1.0, kd_mask=kd_mask)
+    # Prefix-scope unlikelihood is 0 on such rows (q is 0 on the prefix); page scope is not.
+    cfg = DistillConfig(tau=1.0, alpha=0.0, unlikelihood=1.0, kd_mask=kd_mask, unlikelihood_items="prefix")
     loss, logs = skd_loss(cfg, z, cmask, path, pmask, q)
     assert abs(float(loss)) < 1e-6 and abs(logs["kd_loss"]) < 1e-6
     # A different student has a positive KD term.

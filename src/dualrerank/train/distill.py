@@ -24,7 +24,8 @@ ranking collapse. Everything concrete below is [ours] and configurable (`Distill
    agreement diagnostics of `agreement_figures` against the teacher's greedy pages:
    PTAR@L, PTAR@4, exact page, collapse rate, mean row JS, mean row entropy, teacher
    margin, and the stability certificate (certified prefix, certified PTAR lower bound).
-4. The best student (by `select_by`: PTAR by default, or utility) is evaluated on the test split.
+4. The best student (by `select_by`: PTAR minus collapse rate by default, PTAR, or utility) is
+   evaluated on the test split.
 
 Shapes: B requests, n padded candidates, L page length.
 """
@@ -86,9 +87,9 @@ class DistillConfig:
     seed: int = option(0, "seed of the student's initialisation, minibatch order and teacher samples")
     data: SplitConfig = option(factory=SplitConfig, help="data source and splits (must match the teacher's feature widths)")
     optim: OptimConfig = option(
-        factory=lambda: OptimConfig(patience=20),
-        help="optimiser and early stopping of the student; distill's own default is patience 20 (no early stop: "
-        "PTAR moves by up to 0.2 between epochs); a partial YAML 'optim' mapping keeps it",
+        factory=lambda: OptimConfig(epochs=40, patience=40),
+        help="optimiser and early stopping of the student; distill's own default is 40 epochs, no early stop ("
+        "PTAR and collapse move by up to 0.2-0.4 between epochs); a partial YAML 'optim' mapping keeps it",
     )
     model_config: dict[str, Any] = option(factory=dict, help="the student's ('nar' registry model) config overrides")
     paths: str = option(
@@ -115,20 +116,22 @@ class DistillConfig:
         choices=("none", "prefix"),
     )
     unlikelihood: float = option(
-        2.0, "weight of -log(1 - p_t[i]) on items the teacher placed before t, p_t the unmasked row (any kd_mask)"
+        4.0, "weight of -log(1 - p_t[i]) on the items of unlikelihood_items, p_t the unmasked row (any kd_mask)"
     )
     unlikelihood_items: str = option(
-        "prefix",
+        "page",
         "items the unlikelihood term pushes down in row t: 'prefix' (placed by the teacher before t) or 'page' "
         "(every item of the teacher's page but y_t, so a row cannot peak on a later position's item either)",
         choices=("prefix", "page"),
     )
     supervised_weight: float = option(0.0, "weight of the student's own MLE on the logged targets (0 = off)")
     select_by: str = option(
-        "ptar",
+        "ptar_minus_collapse",
         "validation score that picks the best epoch (and drives early stopping): 'utility' (normalized utility "
-        "where a world exists, else NDCG@10, as `train`) or 'ptar' (agreement with the teacher's greedy pages)",
-        choices=("utility", "ptar"),
+        "where a world exists, else NDCG@10, as `train`), 'ptar' (agreement with the teacher's greedy pages) or "
+        "'ptar_minus_collapse' (PTAR minus the collapse rate: both swing from epoch to epoch, often in opposite "
+        "directions, and picking by PTAR alone tends to keep a collapsed epoch)",
+        choices=("utility", "ptar", "ptar_minus_collapse"),
     )
 
 
@@ -408,6 +411,8 @@ def _validator(splits: Splits, teacher: nn.Module, L: int, select_by: str) -> Ca
                 out[k] = v
         if select_by == "ptar":
             out["score"] = out["ptar"]
+        elif select_by == "ptar_minus_collapse":
+            out["score"] = out["ptar"] - out.get("collapse_rate", 0.0)
         return out
 
     return validate

@@ -1,0 +1,180 @@
+"""The offline experiment end to end on a tiny synthetic split: summary.json schema,
+report.md, plots, --reuse, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dualrerank.cli import main
+from dualrerank.config import from_dict
+from dualrerank.errors import ConfigError, DataError
+from dualrerank.train.experiment import FIGURES, ExperimentConfig, planned_rows, summarize_rows
+
+TINY_ENCODER = {"d_model": 16, "n_heads": 2, "n_layers": 1, "dropout": 0.0}
+TINY = {
+    "data": {"train_requests": 96, "valid_requests": 32, "test_requests": 32, "page_length": 4},
+    "seeds": [0],
+    "optim": {"epochs": 1, "batch_size": 48},
+    "encoder": TINY_ENCODER,
+    "decoder": {"n_layers": 1, "n_heads": 2},
+    "objective": {"bpr_pairs": 2, "evaluator_beam": 2},
+    "overrides": {
+        "dnn": {"model_config": {"hidden": [8]}},
+        "lambdamart": {"model_config": {"n_estimators": 5, "num_threads": 1}},
+        "evaluator_beam": {"model_config": {"n_layers": 1, "beam_width": 2}},
+    },
+    "latency_requests": 3,
+}
+MODELS = ["upstream", "dnn", "lambdamart", "teacher", "nar_no_kd", "student_skd"]
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    cfg.update(changes)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "runs").rglob("eval.json")}
+
+
+def test_tiny_experiment_writes_summary_report_plots_and_reuses(tmp_path, capsys):
+    models = MODELS
+    out = tmp_path / "exp"
+    argv = ["experiment", "offline", "--config", str(_config(tmp_path)), "--out", str(out), "--quiet",
+            "--models", *models, "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "teacher seed 0: training" in captured.err
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["rows"] == summary["rows"]
+    # teacher needs the evaluator for its targets: the dependency is run and reported too.
+    expected = ["evaluator_beam", "teacher"] + [m for m in models if m != "teacher"]
+    assert [r["model"] for r in summary["rows"]] == expected
+    for row in summary["rows"]:
+        for key in FIGURES:
+            assert key in row and f"{key}_std" in row, (row["model"], key)
+            assert row[f"{key}_std"] is None  # one seed: no spread
+        assert row["seeds"] == 1
+        assert isinstance(row["normalized_utility"], float)
+        assert row["ndcg@10"] is None  # the synthetic world has no graded labels
+        assert isinstance(row["latency_ms_p50"], float)
+    by = {r["model"]: r for r in summary["rows"]}
+    assert by["upstream"]["ptar"] is None and by["upstream"]["collapse_rate"] is None
+    assert by["teacher"]["ptar"] == pytest.approx(1.0) and by["teacher"]["exact_page"] == pytest.approx(1.0)
+    assert 0.0 <= by["nar_no_kd"]["ptar"] <= 1.0
+    assert 0.0 <= by["nar_no_kd"]["collapse_rate"] <= 1.0  # NAR rows expose logits
+    assert by["evaluator_beam"]["collapse_rate"] is None  # no position x item logits
+    assert by["upstream"]["params"] is not None and by["lambdamart"]["params"] is None
+    assert summary["commands"][0].startswith("dualrerank experiment offline --config ")
+    assert summary["config"]["seeds"] == [0]
+    assert (out / "runs" / "teacher" / "seed0" / "checkpoint").is_dir()
+    report = (out / "report.md").read_text()
+    assert "| model" in report and "dualrerank experiment offline" in report
+    assert (out / "bars_normalized_utility.png").is_file()
+    assert 0.0 <= by["student_skd"]["certified_ptar"] <= by["student_skd"]["ptar"] + 1e-9
+    assert summary["latency"]["ratio"] > 0 and summary["latency"]["page_length"] == 4
+    for name in ("curves_ptar.png", "curves_collapse.png", "curves_kd_loss.png"):
+        assert (out / name).is_file(), name
+    assert "ratio" in report and "curves_ptar.png" in report
+
+    before = _mtimes(out)
+    assert len(before) == len(expected)
+    assert main(argv[:-1] + ["--reuse"]) == 0
+    err = capsys.readouterr().err
+    assert "training into" not in err and err.count("reusing") == len(expected)
+    assert _mtimes(out) == before
+    again = json.loads((out / "summary.json").read_text())
+    for a, b in zip(again["rows"], summary["rows"]):
+        for key in ("normalized_utility", "ptar", "collapse_rate"):
+            assert a[key] == pytest.approx(b[key]) if b[key] is not None else a[key] is None
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"models": ["teacher", "nope"]}, "unknown row"),
+        ({"overrides": {"teacher": {"model_config": {"no_such_key": 1}}}}, "no_such_key"),
+        ({"data": {"source": "letor", "path": "/no/such/folder"}}, "/no/such/folder"),
+        ({"distill": {"seed": 3}}, "distill.seed"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, changes, message):
+    out = tmp_path / "exp"
+    assert main(["experiment", "offline", "--config", str(_config(tmp_path, **changes)), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "runs").exists()
+
+
+def test_unknown_model_on_the_command_line(tmp_path, capsys):
+    assert main(["experiment", "offline", "--out", str(tmp_path / "x"), "--models", "teachr"]) == 2
+    assert "teachr" in capsys.readouterr().err
+
+
+def test_dependencies_are_planned_first():
+    cfg = ExperimentConfig(models=["student_skd", "upstream", "seq2slate"])
+    assert planned_rows(cfg) == ["evaluator_beam", "teacher", "upstream", "seq2slate", "student_skd"]
+    logged = ExperimentConfig(models=["nar_no_kd", "dnn"])
+    assert planned_rows(logged) == ["evaluator_beam", "teacher", "dnn", "nar_no_kd"]
+    scorers = ExperimentConfig(models=["dnn", "upstream"])
+    assert planned_rows(scorers) == ["upstream", "dnn"]
+    with pytest.raises(ConfigError, match="target"):
+        from_dict(ExperimentConfig, {"overrides": {"teacher": {"objective": {"target": "logged"}}}})
+
+
+def test_summary_mean_std_and_nulls():
+    rows = summarize_rows({
+        "a": [{"normalized_utility": 0.5, "ptar": None}, {"normalized_utility": 0.7, "ptar": None}],
+        "b": [{"normalized_utility": float("nan"), "utility": 1.0}],
+    })
+    a, b = rows
+    assert a["normalized_utility"] == pytest.approx(0.6)
+    assert a["normalized_utility_std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert a["ptar"] is None and a["ptar_std"] is None and a["seeds"] == 2
+    assert b["normalized_utility"] is None and b["utility"] == 1.0 and b["utility_std"] is None
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["synthetic", "mq2008", "mslr", "mind"])
+def test_shipped_configs_load_and_plan_every_row(name):
+    from dualrerank.config import load_config
+    from dualrerank.train.experiment import ROWS, check_experiment
+
+    cfg = load_config(ExperimentConfig, REPO / "configs" / f"offline_{name}.yaml")
+    assert sorted(check_experiment(cfg)) == sorted(ROWS)
+
+
+@pytest.mark.filterwarnings("ignore:no known upstream")
+def test_letor_files_are_staged_as_a_fold_with_held_out_queries(tmp_path):
+    from dualrerank.train.experiment import stage_letor_files
+
+    def write(name: str, qids: list[int]) -> Path:
+        lines = [f"{q % 3} qid:{q} 1:{q}.0 2:{d}.5 # doc{d}" for q in qids for d in range(3)]
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    train, test = write("train.txt", list(range(1, 11))), write("test.txt", [50, 51])
+    dest = stage_letor_files({"train": str(train), "test": str(test)}, 0.2, tmp_path / "staged")
+    fold = dest / "Fold1"
+    qids = {n: [line.split()[1] for line in (fold / f"{n}.txt").read_text().splitlines()] for n in ("train", "vali", "test")}
+    assert sorted(set(qids["vali"])) == ["qid:10", "qid:9"] and len(qids["vali"]) == 6
+    assert len(set(qids["train"])) == 8 and not set(qids["train"]) & set(qids["vali"])
+    assert (fold / "test.txt").read_text() == test.read_text()
+    from dualrerank.data import load_letor_folds
+
+    folds = load_letor_folds(dest, 1)
+    assert (folds["train"].batch_size, folds["vali"].batch_size, folds["test"].batch_size) == (8, 2, 2)
+    with pytest.raises(DataError, match="not found"):
+        stage_letor_files({"train": str(tmp_path / "nope.txt"), "test": str(test)}, 0.2, tmp_path / "x")
