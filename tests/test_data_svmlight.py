@@ -253,6 +253,23 @@ def test_fold_layouts(tmp_path):
         load_letor_folds(other, 3)
 
 
+def test_train_test_file_pair_holds_out_validation_queries(tmp_path):
+    write(tmp_path, "".join(f"{q % 2} qid:{q} 1:{q}\n1 qid:{q} 1:0.5\n" for q in range(10)), "msn.fold1.train.5k.txt")
+    write(tmp_path, "1 qid:90 1:1\n0 qid:90 1:2\n", "msn.fold1.test.5k.txt")
+    f = load_letor_folds(tmp_path, 1, raw(upstream_feature=1))
+    # The last 20% of the train file's queries (in file order) validate; the rest train.
+    assert f["train"].request_ids == tuple(str(q) for q in range(8))
+    assert f["vali"].request_ids == ("8", "9") and f["test"].request_ids == ("90",)
+    write(tmp_path, "1 qid:70 1:1\n0 qid:70 1:2\n", "msn.fold1.vali.txt")
+    assert load_letor_folds(tmp_path, 1, raw(upstream_feature=1))["vali"].request_ids == ("70",)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    write(tiny, "1 qid:1 1:1\n0 qid:1 1:2\n", "a_train.txt")
+    write(tiny, "1 qid:2 1:1\n0 qid:2 1:2\n", "a_test.txt")
+    with pytest.raises(DataError, match="too few"):
+        load_letor_folds(tiny, 1)
+
+
 # ---------------------------------------------------------------------------- real data
 needs_mq2008 = pytest.mark.skipif(not (MQ2008 / "S1.txt").is_file(), reason=f"MQ2008 not found at {MQ2008}")
 

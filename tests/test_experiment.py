@@ -11,7 +11,7 @@ import yaml
 
 from dualrerank.cli import main
 from dualrerank.config import from_dict
-from dualrerank.errors import ConfigError, DataError
+from dualrerank.errors import ConfigError
 from dualrerank.train.experiment import FIGURES, ExperimentConfig, planned_rows, summarize_rows
 
 TINY_ENCODER = {"d_model": 16, "n_heads": 2, "n_layers": 1, "dropout": 0.0}
@@ -153,28 +153,3 @@ def test_shipped_configs_load_and_plan_every_row(name):
 
     cfg = load_config(ExperimentConfig, REPO / "configs" / f"offline_{name}.yaml")
     assert sorted(check_experiment(cfg)) == sorted(ROWS)
-
-
-@pytest.mark.filterwarnings("ignore:no known upstream")
-def test_letor_files_are_staged_as_a_fold_with_held_out_queries(tmp_path):
-    from dualrerank.train.experiment import stage_letor_files
-
-    def write(name: str, qids: list[int]) -> Path:
-        lines = [f"{q % 3} qid:{q} 1:{q}.0 2:{d}.5 # doc{d}" for q in qids for d in range(3)]
-        path = tmp_path / name
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    train, test = write("train.txt", list(range(1, 11))), write("test.txt", [50, 51])
-    dest = stage_letor_files({"train": str(train), "test": str(test)}, 0.2, tmp_path / "staged")
-    fold = dest / "Fold1"
-    qids = {n: [line.split()[1] for line in (fold / f"{n}.txt").read_text().splitlines()] for n in ("train", "vali", "test")}
-    assert sorted(set(qids["vali"])) == ["qid:10", "qid:9"] and len(qids["vali"]) == 6
-    assert len(set(qids["train"])) == 8 and not set(qids["train"]) & set(qids["vali"])
-    assert (fold / "test.txt").read_text() == test.read_text()
-    from dualrerank.data import load_letor_folds
-
-    folds = load_letor_folds(dest, 1)
-    assert (folds["train"].batch_size, folds["vali"].batch_size, folds["test"].batch_size) == (8, 2, 2)
-    with pytest.raises(DataError, match="not found"):
-        stage_letor_files({"train": str(tmp_path / "nope.txt"), "test": str(test)}, 0.2, tmp_path / "x")

@@ -490,15 +490,21 @@ def letor_fold_partitions(fold: int, num_partitions: int = 5) -> dict[str, list[
 def load_letor_folds(root: str | Path, fold: int, options: SvmlightOptions | None = None) -> dict[str, RerankBatch]:
     """Train/validation/test batches of one fold, sharing one feature width.
 
-    `root` holds either the partitions S1.txt..S5.txt (LETOR 4.0) or folders
-    Fold1..Fold5 with train.txt, vali.txt, test.txt (MSLR-WEB, LETOR 4.0 folds).
+    `root` holds the partitions S1.txt..S5.txt (LETOR 4.0), folders Fold1..Fold5 with
+    train.txt, vali.txt, test.txt (MSLR-WEB, LETOR 4.0 folds), or one file named
+    `*train*.txt` and one `*test*.txt` (an excerpt such as the MSLR sample; `fold` is then
+    ignored). Without a `*vali*.txt` beside them, the last `HELD_OUT_SHARE` of the train
+    file's queries become the validation split.
     """
     options = options or SvmlightOptions()
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
+    pair = _train_test_pair(root)
     if all((root / f"S{i}.txt").is_file() for i in range(1, 6)):
         split_files = {k: [root / f"{s}.txt" for s in v] for k, v in letor_fold_partitions(fold).items()}
+    elif pair is not None and not (root / f"Fold{fold}").is_dir():
+        split_files = {k: [p] for k, p in pair.items()}
     else:
         letor_fold_partitions(fold)
         split_files = {k: [root / f"Fold{fold}" / f"{k}.txt"] for k in ("train", "vali", "test")}
@@ -511,4 +517,28 @@ def load_letor_folds(root: str | Path, fold: int, options: SvmlightOptions | Non
             if p not in cache:
                 cache[p] = _parse_file(p, options.zero_based)
     d = _width(list(cache.values()), options)
-    return {k: _assemble([cache[p] for p in ps], options, d) for k, ps in split_files.items()}
+    out = {k: _assemble([cache[p] for p in ps], options, d) for k, ps in split_files.items()}
+    if "vali" not in out:
+        train = out["train"]
+        n_valid = int(round(HELD_OUT_SHARE * train.batch_size))
+        if n_valid < 1 or n_valid >= train.batch_size:
+            raise DataError(f"{split_files['train'][0]}: {train.batch_size} queries are too few to hold out a validation split")
+        cut = train.batch_size - n_valid
+        out["train"] = train.select(torch.arange(cut)).trim()
+        out["vali"] = train.select(torch.arange(cut, train.batch_size)).trim()
+    return {k: out[k] for k in ("train", "vali", "test")}
+
+
+HELD_OUT_SHARE = 0.2
+
+
+def _train_test_pair(root: Path) -> dict[str, Path] | None:
+    """`{"train", "test"[, "vali"]}` files of a folder holding one of each, else None."""
+    found = {}
+    for key in ("train", "vali", "test"):
+        matches = sorted(root.glob(f"*{key}*.txt"))
+        if len(matches) > 1:
+            return None
+        if matches:
+            found[key] = matches[0]
+    return found if {"train", "test"} <= set(found) else None

@@ -32,7 +32,6 @@ teacher of the same seed on the test split (`train.distill.agreement_figures`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -170,15 +169,6 @@ class ExperimentConfig:
         "default to the shared ones",
     )
     latency_requests: int = option(50, "requests timed at batch size 1 in the student-vs-teacher latency line")
-    letor_files: dict[str, str] = option(
-        factory=dict,
-        help="letor source given as files rather than a folder layout (e.g. the MSLR sample): keys train, test and "
-        "optionally vali; staged as OUT/data/Fold1/{train,vali,test}.txt and used as data.path with fold 1",
-    )
-    letor_valid_share: float = option(
-        0.2, "letor_files without vali: share of the train file's queries (its last ones) held out as vali"
-    )
-
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in _ROWS]
         if unknown:
@@ -198,13 +188,6 @@ class ExperimentConfig:
                 raise ConfigError(f"overrides.{name}.objective.target: fixed by the row; pick the row instead")
             if "soft" in over.distill:
                 raise ConfigError(f"overrides.{name}.distill.soft: fixed by the row (nar_direct: false, student_skd: true)")
-        bad_files = sorted(set(self.letor_files) - {"train", "vali", "test"})
-        if bad_files or (self.letor_files and not {"train", "test"} <= set(self.letor_files)):
-            raise ConfigError(f"letor_files: give train and test (and optionally vali), got {sorted(self.letor_files)}")
-        if self.letor_files and self.data.source != "letor":
-            raise ConfigError("letor_files: only for data.source letor")
-        if not 0 < self.letor_valid_share < 1:
-            raise ConfigError(f"letor_valid_share: must be in (0, 1), got {self.letor_valid_share}")
         if self.latency_requests < 1:
             raise ConfigError(f"latency_requests: must be >= 1, got {self.latency_requests}")
 
@@ -335,44 +318,6 @@ def _query_blocks(lines: list[str], path: Path) -> list[list[str]]:
             last = qid
         blocks[-1].append(line)
     return blocks
-
-
-def stage_letor_files(files: Mapping[str, str], valid_share: float, dest: Path) -> Path:
-    """Lay `files` out as `dest/Fold1/{train,vali,test}.txt` for the letor loader; without a
-    vali file the last `valid_share` of the train file's queries become vali.txt. Returns `dest`."""
-    paths = {k: Path(v) for k, v in files.items()}
-    for key, path in paths.items():
-        if not path.is_file():
-            raise DataError(f"letor_files.{key}: file not found: {path}")
-    fold = dest / "Fold1"
-    fold.mkdir(parents=True, exist_ok=True)
-
-    def write(name: str, lines: Sequence[str]) -> None:
-        tmp = fold / f".{name}.tmp"
-        tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
-        os.replace(tmp, fold / name)
-
-    write("test.txt", paths["test"].read_text().splitlines())
-    train_lines = paths["train"].read_text().splitlines()
-    if "vali" in paths:
-        write("train.txt", train_lines)
-        write("vali.txt", paths["vali"].read_text().splitlines())
-        return dest
-    blocks = _query_blocks(train_lines, paths["train"])
-    n_valid = max(1, round(valid_share * len(blocks)))
-    if n_valid >= len(blocks):
-        raise DataError(f"letor_files.train: {len(blocks)} queries are too few to hold out {n_valid} for validation")
-    write("train.txt", [line for b in blocks[:-n_valid] for line in b])
-    write("vali.txt", [line for b in blocks[-n_valid:] for line in b])
-    return dest
-
-
-def resolve_data(cfg: ExperimentConfig, out: Path) -> ExperimentConfig:
-    """`cfg` with `letor_files` staged under `out/data` and used as `data.path` (fold 1)."""
-    if not cfg.letor_files:
-        return cfg
-    dest = stage_letor_files(cfg.letor_files, cfg.letor_valid_share, out / "data")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(dest), fold=1))
 
 
 # --------------------------------------------------------------------------- running
@@ -590,7 +535,6 @@ def run_offline_experiment(
 
     out = Path(out)
     rows = check_experiment(cfg)
-    cfg = resolve_data(cfg, out) if splits is None else cfg
     splits = splits if splits is not None else load_splits(cfg.data)
     total, done = len(rows) * len(cfg.seeds), [0]
 
