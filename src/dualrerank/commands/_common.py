@@ -31,6 +31,19 @@ def load_from_args(config_cls: type[T], args: argparse.Namespace, overrides: dic
     return load_config(config_cls, args.config, over)
 
 
+def load_run_config(config_cls: type[T], args: argparse.Namespace, overrides: dict[str, Any]) -> T:
+    """The run's config: with `--resume`, the one saved in `--out` (only `optim.epochs` may
+    change); otherwise from --config and the CLI overrides."""
+    if not getattr(args, "resume", False):
+        return load_from_args(config_cls, args, overrides)
+    from dualrerank.errors import ConfigError
+
+    saved = args.out / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {saved} not found; start the run without --resume")
+    return load_config(config_cls, saved, {k: v for k, v in overrides.items() if k == "optim.epochs"})
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")

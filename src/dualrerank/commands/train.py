@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dualrerank.commands._common import add_config_args, load_from_args, print_json
+from dualrerank.commands._common import add_config_args, load_run_config, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,18 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dualrerank.config import load_config
-    from dualrerank.errors import ConfigError
     from dualrerank.train.supervised import TrainConfig, train_model
 
     overrides = {"model": args.model, "data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs}
-    if args.resume:
-        saved = args.out / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {saved} not found; start the run without --resume")
-        cfg = load_config(TrainConfig, saved, {k: v for k, v in overrides.items() if k == "optim.epochs"})
-    else:
-        cfg = load_from_args(TrainConfig, args, overrides)
+    cfg = load_run_config(TrainConfig, args, overrides)
     result = train_model(cfg, args.out, resume=args.resume, evaluator_dir=args.evaluator)
     if args.json:
         print_json(result)

@@ -41,7 +41,7 @@ from dualrerank.models.registry import build_model, config_from_dict, get_spec
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_checkpoint", "load_checkpoint", "read_checkpoint_info",
-    "resolve_checkpoint",
+    "resolve_checkpoint", "load_checkpoint_of_kind",
 ]
 
 FORMAT_VERSION = 1
@@ -234,3 +234,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint: {p} does not exist")
     return p
+
+
+def load_checkpoint_of_kind(path: str | Path, kinds: tuple[str, ...], what: str) -> Any:
+    """`load_checkpoint` of a checkpoint (or run directory) whose model has one of the
+    registry `kinds`; else a one-line `CheckpointError` saying it is not `what`."""
+    directory = resolve_checkpoint(path)
+    name = read_checkpoint_info(directory)["model"]
+    try:
+        kind = get_spec(name).kind
+    except ConfigError:
+        raise CheckpointError(f"checkpoint {directory}: unknown model {name!r}") from None
+    if kind not in kinds:
+        raise CheckpointError(f"checkpoint {directory}: holds a {name!r} model, not {what}")
+    return load_checkpoint(directory)

@@ -248,34 +248,15 @@ class ServingModel:
 
 def load_student(checkpoint: str | Path) -> Any:
     """The NAR student stored in `checkpoint`; `CheckpointError` if it holds another model."""
-    from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info, resolve_checkpoint
-    from dualrerank.models.registry import get_spec
+    from dualrerank.models.checkpoint import load_checkpoint_of_kind
 
-    checkpoint = resolve_checkpoint(checkpoint)
-    meta = read_checkpoint_info(checkpoint)
-    try:
-        kind = get_spec(meta["model"]).kind
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {checkpoint}: {exc}") from None
-    if kind != "nar":
-        raise CheckpointError(
-            f"checkpoint {checkpoint}: holds a {meta['model']!r} model; export and serving need the NAR student"
-        )
-    return load_checkpoint(checkpoint)
+    return load_checkpoint_of_kind(checkpoint, ("nar",), "the NAR student that export and serving need")
 
 
 def _load_evaluator(directory: Path, student: Any) -> Any:
-    from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info
-    from dualrerank.models.registry import get_spec
+    from dualrerank.models.checkpoint import load_checkpoint_of_kind
 
-    meta = read_checkpoint_info(directory)
-    try:
-        kind = get_spec(meta["model"]).kind
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {directory}: {exc}") from None
-    if kind != "evaluator":
-        raise CheckpointError(f"checkpoint {directory}: holds a {meta['model']!r} model, expected an evaluator")
-    evaluator = load_checkpoint(directory)
+    evaluator = load_checkpoint_of_kind(directory, ("evaluator",), "an evaluator")
     s, e = student.config.encoder, evaluator.config.encoder
     if (s.candidate_dim, s.context_dim) != (e.candidate_dim, e.context_dim):
         raise CheckpointError(

@@ -56,8 +56,7 @@ from dualrerank.metrics import (
     ptar,
     stability_certificate,
 )
-from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from dualrerank.models.registry import get_spec
+from dualrerank.models.checkpoint import load_checkpoint, load_checkpoint_of_kind, save_checkpoint
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import evaluate, rerank_all
 from dualrerank.train.loop import Extras, Objective, OptimConfig, fit
@@ -157,17 +156,10 @@ def load_teacher(teacher_dir: Path, train: RerankBatch, L: int) -> nn.Module:
     """The frozen AR teacher saved in `teacher_dir` (a checkpoint, or a run directory
     holding `checkpoint/`), checked against the data's feature widths and page length."""
     d = Path(teacher_dir)
-    if (d / "checkpoint").is_dir() and not (d / "config.json").is_file():
-        d = d / "checkpoint"
-    info = read_checkpoint_info(d)
-    name = info["model"]
     try:
-        kind = get_spec(name).kind
-    except ConfigError:
-        raise CheckpointError(f"--teacher {d}: unknown model {name!r} in the checkpoint") from None
-    if kind != "ar":
-        raise CheckpointError(f"--teacher {d}: holds a {name!r} model, not an autoregressive teacher (teacher, seq2slate)")
-    teacher = load_checkpoint(d)
+        teacher = load_checkpoint_of_kind(d, ("ar",), "an autoregressive teacher (teacher, seq2slate)")
+    except CheckpointError as exc:
+        raise CheckpointError(f"--teacher: {exc}") from None
     enc = teacher.config.encoder
     if (enc.candidate_dim, enc.context_dim) != (train.candidate_dim, train.context_dim):
         raise ConfigError(
