@@ -61,12 +61,27 @@ def test_train_teacher_writes_run_dir_and_resumes(tmp_path, capsys):
     assert again["requests"] == 48 and math.isfinite(again["normalized_utility"])
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    cfg = _config(tmp_path, **{"optim.epochs": 3, "optim.patience": 10, "model_config.dropout": 0.1})
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, schedule):
+    import dualrerank.train.supervised as supervised
+
+    cfg = _config(tmp_path, **{"optim.epochs": 3, "optim.patience": 10, "model_config.dropout": 0.1,
+                               "optim.lr_schedule": schedule})
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["train", "--model", "nar", "--config", str(cfg), "--out", str(straight)]) == 0
-    assert main(["train", "--model", "nar", "--config", str(cfg), "--out", str(split), "--epochs", "2"]) == 0
-    assert main(["train", "--out", str(split), "--resume", "--epochs", "3"]) == 0
+    # Interrupt the second run during epoch 3's validation (after epoch 2 was saved), then resume it.
+    real, calls = supervised.validation_score, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(supervised, "validation_score", interrupted)
+    assert main(["train", "--model", "nar", "--config", str(cfg), "--out", str(split)]) == 130
+    monkeypatch.setattr(supervised, "validation_score", real)
+    assert main(["train", "--out", str(split), "--resume"]) == 0
 
     def losses(run: Path) -> list[float]:
         return [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -46,6 +46,10 @@ class OptimConfig:
     weight_decay: float = option(1e-4, "AdamW weight decay")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
     patience: int = option(3, "stop after this many epochs without a better validation score")
+    lr_schedule: str = option(
+        "constant", "learning rate over training: constant, or cosine decay from lr to 0 over `epochs`",
+        choices=("constant", "cosine"),
+    )
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -82,6 +86,13 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, math.ceil(train.batch_size / optim.batch_size))
+    total_steps = max(1, optim.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        if optim.lr_schedule == "cosine" else (lambda step: 1.0),
+    )
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0}
     last = run_dir / "last.pt"
     if resume:
@@ -91,6 +102,8 @@ def fit(
             saved = torch.load(last, weights_only=False)
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
+            if "schedule" in saved:
+                schedule.load_state_dict(saved["schedule"])
             gen.set_state(saved["generator"])
             state = saved["loop"]
         except (RuntimeError, KeyError, EOFError, OSError) as exc:
@@ -121,6 +134,7 @@ def fit(
             if optim.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
+            schedule.step()
             total += float(loss.detach()) * mb.batch_size
             count += mb.batch_size
             for key, value in logs.items():
@@ -145,7 +159,8 @@ def fit(
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items())
             tqdm.write(f"epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr)
         _atomic_torch_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "loop": state},
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+             "generator": gen.get_state(), "loop": state},
             last,
         )
     return {
