@@ -27,15 +27,6 @@ from dualrerank.schema import RerankBatch
 D, C = 4, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def graded_batch(B: int, n: int, seed: int, ragged: bool = True) -> RerankBatch:
     """Relevance 0..2 determined by feature 0 (plus noise features); upstream score is noisy."""
     g = torch.Generator().manual_seed(seed)

@@ -20,15 +20,6 @@ D, C = 4, 3
 SMALL_ENCODER = {"d_model": 16, "n_heads": 2, "n_layers": 1, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_batch(B: int = 6, n: int = 8, seed: int = 0) -> RerankBatch:
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(B, n, D, generator=g)

@@ -27,16 +27,6 @@ from dualrerank.errors import ConfigError, DataError
 FAST = settings(max_examples=40, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast alone and far faster on a busy machine
-    (two spinning threads on two shared cores slowed training steps ~10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_mask(B: int, n: int, min_valid: int, gen: torch.Generator) -> torch.Tensor:
     """`[B, n]` bool with a random count in [min_valid, n] of valid candidates at random slots."""
     counts = torch.randint(min_valid, n + 1, (B, 1), generator=gen)

@@ -63,15 +63,6 @@ def toy_logs(B: int, seed: int, n: int = 8, L: int = 5) -> tuple[RerankBatch, to
     return batch, p_click
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained():
     """An evaluator trained on toy logs (200 Adam steps, a few seconds)."""

@@ -14,27 +14,7 @@ from dualrerank.models.encoder import EncoderConfig
 from dualrerank.models.teacher import ARTeacher, TeacherConfig
 from dualrerank.schema import RerankBatch
 
-D_IN, D_CTX = 5, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast alone and far faster on a busy machine
-    (two spinning threads on two shared cores slowed training steps ~10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_batch(seed: int, B: int = 3, n: int = 7, min_valid: int = 4) -> RerankBatch:
-    """Random padded batch; padded rows hold garbage features on purpose."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.randint(min_valid, n + 1, (B, 1), generator=gen)
-    mask = torch.rand(B, n, generator=gen).argsort(1).argsort(1) < counts
-    cands = torch.randn(B, n, D_IN, generator=gen)
-    cands[~mask] = 1e3
-    return RerankBatch(cands, mask, torch.randn(B, D_CTX, generator=gen))
+from random_batches import D_CTX, D_IN, make_batch
 
 
 def make_teacher(seed: int = 0, **kw) -> ARTeacher:

@@ -180,11 +180,9 @@ def to_dict(obj: Any) -> Any:
 
 def dump_config(obj: Any, path: str | Path) -> None:
     """Write the config as YAML (atomically: temp file then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    tmp.replace(p)
+    from dualrerank.files import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from dualrerank.errors import DataError
+from dualrerank.files import atomic_write
 
 STD_SUFFIX = "_std"
 MISSING = "–"
@@ -188,23 +187,8 @@ def markdown_table(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temp file beside `path`, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _new_figure(width: float, height: float):
@@ -218,7 +202,7 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, out_png: Path) -> Path:
-    return _atomic_write(Path(out_png), lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(Path(out_png), lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _slug(name: str) -> str:

@@ -12,8 +12,6 @@ the world itself (catalogue, category structure) is fixed by the config's `seed`
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 from dualrerank.commands._common import add_config_args, print_json
 from dualrerank.config import load_config
 from dualrerank.errors import ConfigError
+from dualrerank.files import write_json
 from dualrerank.sim.calibration import POLICIES, calibration_checks, evaluate_policies
 from dualrerank.sim.config import WorldConfig
 from dualrerank.sim.world import World
@@ -97,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
     summary = build_summary(world, logs, args.config, progress=True)
     if args.out is not None:
         files = save_logs(logs, args.out)
-        tmp = args.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, args.out / "summary.json")
+        write_json(args.out / "summary.json", summary)
         print(f"simulate: wrote {', '.join(files + ['summary.json'])} to {args.out}", file=sys.stderr)
     print(f"simulate: {args.requests} requests in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if args.json:

@@ -27,7 +27,6 @@ renamed, so a crash never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from dualrerank.config import dump_config, load_config
 from dualrerank.errors import ConfigError, DataError
+from dualrerank.files import atomic_write, write_json
 from dualrerank.schema import RerankBatch
 from dualrerank.sim.catalogue import seeded
 from dualrerank.sim.config import FEEDBACK_NAMES, WorldConfig
@@ -134,14 +134,8 @@ def load_synthetic(path: str | Path | None = None, seed: int = 0, num_requests: 
 
 
 # ---------------------------------------------------------------------------- storage
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def save_logs(logs: SyntheticLogs, directory: str | Path) -> list[str]:
@@ -169,7 +163,7 @@ def save_logs(logs: SyntheticLogs, directory: str | Path) -> list[str]:
         "context_feature_names": list(logs.world.context_feature_names),
         "note": "labels are realised feedback for shown candidates and 0 for unshown ones: unshown is not negative",
     }
-    _atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(out / "meta.json", meta)
     dump_config(replace(logs.world.config, seed=logs.world.seed), out / "world.yaml")
     return ["logs.safetensors", "reformulate.safetensors", "hidden_state.safetensors", "meta.json", "world.yaml"]
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 
 from dualrerank.errors import ConfigError
+from dualrerank.files import atomic_write
 from dualrerank.models.student import NARStudent
 from dualrerank.serve.config import DEFAULT_OPSET
 
@@ -168,18 +167,7 @@ def export_student(
     if target.is_dir():
         raise ConfigError(f"out: {target} is a directory; give a file name such as {target / 'student.onnx'}")
     data = export_student_bytes(student, opset, extra_metadata)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda tmp: tmp.write_bytes(data))
 
 
 def random_parity_batches(student: NARStudent, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:

@@ -32,9 +32,7 @@ Shapes: B requests, n padded candidates, L page length.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +43,7 @@ from torch import nn
 from dualrerank.config import dump_config, option
 from dualrerank.decoding import masked_greedy, placed_before
 from dualrerank.errors import CheckpointError, ConfigError
+from dualrerank.files import write_json
 from dualrerank.losses import kd_loss, mle_loss, position_weights
 from dualrerank.metrics import (
     batch_mean,
@@ -410,12 +409,6 @@ def _validator(splits: Splits, teacher: nn.Module, L: int, select_by: str) -> Ca
     return validate
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def distill_model(
     cfg: DistillConfig,
     run_dir: Path,
@@ -463,7 +456,7 @@ def distill_model(
         "teacher_normalized_utility": teacher_figures.get("normalized_utility"),
         "teacher_ndcg@10": teacher_figures.get("ndcg@10"),
     }
-    _write_json(run_dir / "eval.json", result)
+    write_json(run_dir / "eval.json", result)
     from dualrerank.report import write_run_report
 
     write_run_report(run_dir, title=f"SKD student ({'soft' if cfg.soft else 'hard paths only'}) on {cfg.data.source}")

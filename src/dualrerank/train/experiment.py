@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import shutil
 import statistics
@@ -49,6 +48,7 @@ from torch import nn
 
 from dualrerank.config import from_dict, option, to_dict
 from dualrerank.errors import ConfigError, DataError
+from dualrerank.files import write_json, write_text
 from dualrerank.models.checkpoint import load_checkpoint
 from dualrerank.models.registry import config_from_dict, default_config
 from dualrerank.train.loop import OptimConfig
@@ -586,9 +586,7 @@ def _finite(value: Any) -> Any:
 
 
 def _write_summary(path: Path, summary: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_json(path, _finite(summary), allow_nan=False)
 
 
 def _append_plots(report: Path, names: Sequence[str]) -> None:
@@ -598,6 +596,4 @@ def _append_plots(report: Path, names: Sequence[str]) -> None:
     if "## Plots" not in text:
         text += "\n\n## Plots"
     text += "\n\n" + "\n\n".join(f"[![{n}]({n})]({n})" for n in names) + "\n"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, report)
+    write_text(report, text)

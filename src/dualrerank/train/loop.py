@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from dualrerank.config import option
 from dualrerank.errors import CheckpointError
+from dualrerank.files import atomic_write
 from dualrerank.schema import RerankBatch
 
 Extras = dict[str, torch.Tensor]
@@ -50,14 +50,6 @@ class OptimConfig:
         "constant", "learning rate over training: constant, or cosine decay from lr to 0 over `epochs`",
         choices=("constant", "cosine"),
     )
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -158,11 +150,9 @@ def fit(
         if progress:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items())
             tqdm.write(f"epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr)
-        _atomic_torch_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-             "generator": gen.get_state(), "loop": state},
-            last,
-        )
+        snapshot = {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": gen.get_state(), "loop": state}
+        atomic_write(last, lambda tmp: torch.save(snapshot, tmp))
     return {
         "best_score": state["best_score"],
         "best_epoch": state["best_epoch"],

@@ -14,8 +14,6 @@ One function, `train_model`, takes a `TrainConfig` and a run directory and:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +23,7 @@ from torch import nn
 
 from dualrerank.config import dump_config, option
 from dualrerank.decoding import placed_before
-from dualrerank.errors import ConfigError
+from dualrerank.files import write_json
 from dualrerank.models.checkpoint import load_checkpoint, save_checkpoint
 from dualrerank.models.registry import config_from_dict, get_spec, set_data_dims
 from dualrerank.schema import RerankBatch
@@ -185,9 +183,7 @@ def train_model(
     figures = evaluate(best.rerank, splits.test, L)
     figures["params"] = sum(p.numel() for p in best.parameters()) if isinstance(best, nn.Module) else None
     result = {"model": cfg.model, "split": "test", "page_length": L, **figures}
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, run_dir / "eval.json")
+    write_json(run_dir / "eval.json", result)
     from dualrerank.report import write_run_report
 
     if (run_dir / "metrics.jsonl").is_file():

@@ -1,0 +1,39 @@
+"""Atomic file writes: every file the package writes (configs, metrics summaries, logs,
+checkpoints' side files, reports, plots, ONNX graphs) goes through `atomic_write`, so an
+interrupted run never leaves a half-written file under its final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a fresh temp file beside `path`, flush it to disk, then rename
+    it onto `path`. The temp file is removed if `write` fails. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`text` (UTF-8) into `path`, atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any, **dumps: Any) -> Path:
+    """`obj` as indented JSON (plus a final newline) into `path`, atomically."""
+    return write_text(path, json.dumps(obj, indent=2, **dumps) + "\n")
