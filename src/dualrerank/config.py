@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
@@ -116,7 +116,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
             # A partial section overrides the field's own default (e.g. `OptimConfig(epochs=8)`),
             # not the section class's defaults.
-            value = _merge(to_dict(f.default_factory()), value)
+            value = merge_dicts(to_dict(f.default_factory()), value)
         v = _coerce(value, hints[name], f"{where}.{name}")
         choices = f.metadata.get("choices")
         if choices is not None and v not in choices:
@@ -129,10 +129,14 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return obj
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_dicts(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge of config mappings: `top` wins; nested mappings merge key by key."""
     out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
     return out
 
 

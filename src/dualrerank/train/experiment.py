@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from dualrerank.config import from_dict, option, to_dict
+from dualrerank.config import from_dict, merge_dicts, option, to_dict
 from dualrerank.errors import ConfigError, DataError
 from dualrerank.files import write_json, write_text
 from dualrerank.models.checkpoint import load_checkpoint
@@ -195,17 +195,6 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- configs
 
 
-def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: `top` wins; nested mappings are merged key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _override(cfg: ExperimentConfig, row: str) -> RowOverride:
     return cfg.overrides.get(row, RowOverride())
 
@@ -220,7 +209,7 @@ def _model_config(cfg: ExperimentConfig, registry: str, *layers: Mapping[str, An
     if cfg.encoder and "encoder" in {f for f in default_config(registry).__dataclass_fields__}:
         base["encoder"] = dict(cfg.encoder)
     for layer in layers:
-        base = _merge(base, layer)
+        base = merge_dicts(base, layer)
     config_from_dict(registry, base)  # unknown keys fail here, before anything trains
     return base
 
@@ -228,7 +217,7 @@ def _model_config(cfg: ExperimentConfig, registry: str, *layers: Mapping[str, An
 def _optim(cfg: ExperimentConfig, *layers: Mapping[str, Any]) -> OptimConfig:
     merged = to_dict(cfg.optim)
     for layer in layers:
-        merged = _merge(merged, layer)
+        merged = merge_dicts(merged, layer)
     return from_dict(OptimConfig, merged, where="optim")
 
 
@@ -237,7 +226,7 @@ def train_config(cfg: ExperimentConfig, row: str, seed: int) -> TrainConfig:
     from dualrerank.train.supervised import TrainConfig
 
     spec, over = _ROWS[row], _override(cfg, row)
-    objective = _merge(to_dict(cfg.objective), over.objective)
+    objective = merge_dicts(to_dict(cfg.objective), over.objective)
     if spec.target is not None:
         objective["target"] = spec.target
     return TrainConfig(
@@ -255,7 +244,7 @@ def distill_config(cfg: ExperimentConfig, row: str, seed: int) -> DistillConfig:
     from dualrerank.train.distill import DistillConfig
 
     over = _override(cfg, row)
-    fields = _merge(dict(cfg.distill), over.distill)
+    fields = merge_dicts(dict(cfg.distill), over.distill)
     fields["optim"] = to_dict(_optim(cfg, cfg.distill.get("optim", {}), over.distill.get("optim", {}), over.optim))
     fields["model_config"] = _model_config(
         cfg, "nar", cfg.distill.get("model_config", {}), over.distill.get("model_config", {}), over.model_config
