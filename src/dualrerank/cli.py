@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualrerank",
         description="Generative list-wise reranking: AR teacher, NAR student, sequential "
-        "knowledge distillation, LDRO online RL, evaluation and serving.",
+        "knowledge distillation, the simulated world, offline evaluation and serving.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
