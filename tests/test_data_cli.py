@@ -96,7 +96,6 @@ def test_inspect_mind_json(capsys, tmp_path):
 
 
 def test_inspect_synthetic(capsys):
-    pytest.importorskip("dualrerank.data.synthetic")
     code, out, _ = run(capsys, "data", "inspect", "--source", "synthetic", "--seed", "1", "--num-requests", "8", "--json")
     assert code == 0
     assert json.loads(out)["num_lists"] == 8

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dualrerank.data.svmlight import load_svmlight
 from dualrerank.errors import DataError
 from dualrerank.schema import Request, collate
 from dualrerank.sim import RealListConfig, World, WorldConfig, real_list_state
@@ -87,8 +88,7 @@ def test_mq2008_in_the_simulated_world(world):
     path = DATA / "letor" / "MQ2008" / "S1.txt"
     if not path.is_file():
         pytest.skip(f"MQ2008 not found at {path} (set DUALRERANK_DATA)")
-    svmlight = pytest.importorskip("dualrerank.data.svmlight", reason="the LETOR loader is not available")
-    batch = svmlight.load_svmlight(path)
+    batch = load_svmlight(path)
     keep = batch.candidate_mask.sum(1) >= L
     batch = batch.select(keep)
     state = real_list_state(batch, world, seed=0)

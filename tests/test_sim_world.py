@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +214,92 @@ def test_lognormal_durations_have_the_kuairand_median():
     cfg = from_dict(WorldConfig, {"catalogue": {"durations": "lognormal"}})
     d = World(cfg, 0).catalogue.duration
     assert float(d.median()) == pytest.approx(MEDIAN_DURATION_S, rel=0.08)
+
+
+# ---------------------------------------------------------------------------- durations
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    env = os.environ.get("DUALRERANK_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def _kuairand_csv(folder: Path, milliseconds: list[float]) -> Path:
+    """A KuaiRand-shaped video table (only the column the world reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "video_features_basic_pure.csv"
+    path.write_text("video_id,video_duration\n" + "".join(f"{i},{ms}\n" for i, ms in enumerate(milliseconds)) + "99,\n")
+    return path
+
+
+def test_default_world_does_not_depend_on_the_data_folder(monkeypatch, tmp_path):
+    # A data folder whose KuaiRand table would give every item 5 s: were it read, the
+    # default world would change with the machine it runs on.
+    fake = tmp_path / "fake"
+    _kuairand_csv(fake / "kuairand_pure_features", [5000.0] * 10)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    roots = [empty, fake] + ([data_root()] if (data_root() / "kuairand_pure_features").is_dir() else [])
+    worlds = []
+    for root in roots:
+        monkeypatch.setenv("DUALRERANK_DATA", str(root))
+        worlds.append(World(WorldConfig(), 0))
+    monkeypatch.delenv("DUALRERANK_DATA")
+    worlds.append(World(WorldConfig(), 0))
+    first = worlds[0]
+    assert first.catalogue.duration_source == "packaged:kuairand_duration_quantiles.json"
+    _, batch = first.sample_requests(8, 1)
+    for other in worlds[1:]:
+        assert other.catalogue.duration_source == first.catalogue.duration_source
+        assert torch.equal(other.catalogue.duration, first.catalogue.duration)
+        assert torch.equal(other.sample_requests(8, 1)[1].candidates, batch.candidates)
+
+
+def test_packaged_durations_follow_the_kuairand_quantiles():
+    from dualrerank.sim.catalogue import MEDIAN_DURATION_S, packaged_duration_table, quantile_durations
+
+    q = packaged_duration_table()
+    meta = json.loads((REPO / "src" / "dualrerank" / "sim" / "kuairand_duration_quantiles.json").read_text())
+    assert "CC BY-SA 4.0" in meta["attribution"]["license"] and meta["attribution"]["url"] == "https://kuairand.com"
+    assert meta["count"] == 7344 and len(q) == meta["levels"] == 257
+    assert float(np.median(q)) == pytest.approx(MEDIAN_DURATION_S, abs=0.01)
+    d = quantile_durations(q, 200_000, torch.Generator().manual_seed(0)).double().numpy()
+    assert q[0] <= d.min() and d.max() <= q[-1]
+    levels = np.array([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
+    # 200,000 draws put each empirical quantile within ~0.5% (in level) of its target
+    np.testing.assert_allclose(np.mean(d[:, None] <= np.interp(levels, np.linspace(0, 1, 257), q), axis=0), levels, atol=0.006)
+    assert float(np.log(d).std()) == pytest.approx(1.03, abs=0.02)
+    # the same generator state gives the same durations
+    again = quantile_durations(q, 200_000, torch.Generator().manual_seed(0)).double().numpy()
+    assert np.array_equal(d, again)
+
+
+def test_packaged_table_is_what_the_script_builds_from_kuairand():
+    folder = data_root() / "kuairand_pure_features"
+    if not (folder / "video_features_basic_pure.csv").is_file():
+        pytest.skip(f"KuaiRand video table not found at {folder} (set DUALRERANK_DATA)")
+    spec = importlib.util.spec_from_file_location("kuairand_duration_table", REPO / "benchmarks" / "kuairand_duration_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from dualrerank.sim.catalogue import packaged_duration_table
+
+    table = script.build_table(folder)
+    assert np.array_equal(np.asarray(table["quantiles"]), packaged_duration_table())
+    meta = json.loads((REPO / "src" / "dualrerank" / "sim" / "kuairand_duration_quantiles.json").read_text())
+    assert table == meta  # metadata too, including the source's checksum
+
+
+def test_duration_sources_are_explicit_options(tmp_path):
+    csv = _kuairand_csv(tmp_path / "kr", [5000.0, 10000.0, -1.0])
+    for spec in (f"kuairand:{csv}", f"kuairand:{csv.parent}"):
+        world = World(from_dict(WorldConfig, {"catalogue": {"durations": spec, "num_items": 300}}), 0)
+        assert world.catalogue.duration_source == "kuairand:video_features_basic_pure.csv"
+        assert set(world.catalogue.duration.tolist()) == {5.0, 10.0}  # the negative one is dropped
+    # 'auto' (which once read the shared data folder) is the packaged table now
+    assert from_dict(WorldConfig, {"catalogue": {"durations": "auto"}}).catalogue.durations == "packaged"
+    for bad in ("kuairand:", "kuairand", "/some/file.csv", "uniform"):
+        with pytest.raises(ConfigError, match=r"catalogue\.durations: expected 'packaged', 'lognormal' or 'kuairand:PATH'"):
+            from_dict(WorldConfig, {"catalogue": {"durations": bad}})
+    with pytest.raises(ConfigError, match="catalogue.durations: file not found"):
+        World(from_dict(WorldConfig, {"catalogue": {"durations": f"kuairand:{tmp_path / 'absent.csv'}"}}))

@@ -1,42 +1,52 @@
 """The item catalogue: latent topic, category, quality and duration of every item.
 
-Durations come from the real KuaiRand-Pure `video_duration` column when it is available
-(or from a CSV path a user gives), else from a log-normal with the same median and spread.
-Everything else is drawn from the world's seed. Observable per-item features (a noisy
-topic embedding, a noisy quality estimate, noisy projections) are fixed per item, like an
-item embedding or a historical statistic in a real system.
+Durations follow `catalogue.durations`: by default the quantile table of KuaiRand-Pure's
+`video_duration` shipped inside the package (kuairand_duration_quantiles.json, CC BY-SA
+4.0, built by benchmarks/kuairand_duration_table.py), sampled by inverse-CDF
+interpolation with the world's seeded generator; or the KuaiRand CSV at a path the config
+names; or a log-normal. Nothing outside the package and the config is read, so a
+checkout, an installed wheel and a machine with or without the data sets build the same
+world. Everything else is drawn from the world's seed. Observable per-item features (a
+noisy topic embedding, a noisy quality estimate, noisy projections) are fixed per item,
+like an item embedding or a historical statistic in a real system.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
-import os
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dualrerank.errors import ConfigError, DataError
-from dualrerank.sim.config import CatalogueConfig, RequestConfig, ResponseConfig
+from dualrerank.sim.config import CatalogueConfig, RequestConfig, ResponseConfig, duration_spec
 
 __all__ = [
     "Catalogue",
     "build_catalogue",
     "load_durations",
-    "shared_duration_file",
+    "packaged_duration_table",
+    "sample_durations",
     "seeded",
     "MEDIAN_DURATION_S",
     "LOG_DURATION_STD",
+    "DURATION_TABLE",
+    "KUAIRAND_CSV",
 ]
 
 # Measured on KuaiRand-Pure `video_features_basic_pure.csv` (7,344 videos with a positive
-# `video_duration`, in ms): median 81.17 s, std of ln(duration) 1.03. The log-normal
-# fallback uses both, so that worlds with and without the file behave alike.
+# `video_duration`, in ms): median 81.17 s, std of ln(duration) 1.03. They scale the
+# observable log-duration feature and the watch model, and parametrise the log-normal.
 MEDIAN_DURATION_S = 81.17
 LOG_DURATION_STD = 1.03
-KUAIRAND_FILE = Path("kuairand_pure_features") / "video_features_basic_pure.csv"
+KUAIRAND_CSV = "video_features_basic_pure.csv"
+DURATION_TABLE = "kuairand_duration_quantiles.json"
 
 
 def seeded(seed: int, salt: str) -> torch.Generator:
@@ -51,12 +61,33 @@ def seeded(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(h % (1 << 63))
 
 
-def shared_duration_file() -> Path | None:
-    """The KuaiRand video table in $DUALRERANK_DATA when set, else in ../shared/data beside
-    the checkout; None when absent."""
-    env = os.environ.get("DUALRERANK_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[4] / "shared" / "data"
-    return root / KUAIRAND_FILE if (root / KUAIRAND_FILE).is_file() else None
+@lru_cache(maxsize=1)
+def packaged_duration_table() -> np.ndarray:
+    """`[K]` seconds: the packaged KuaiRand `video_duration` quantiles at levels k/(K-1)."""
+    where = f"durations: packaged table {DURATION_TABLE}"
+    try:
+        table = json.loads(resources.files("dualrerank.sim").joinpath(DURATION_TABLE).read_text(encoding="utf-8"))
+        q = np.asarray(table["quantiles"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{where} is missing or corrupt ({type(exc).__name__}); reinstall dualrerank") from None
+    if q.ndim != 1 or len(q) < 2 or not np.isfinite(q).all() or q[0] <= 0 or (np.diff(q) < 0).any():
+        raise DataError(f"{where} is not an increasing list of positive quantiles; reinstall dualrerank")
+    q.setflags(write=False)
+    return q
+
+
+def quantile_durations(quantiles: np.ndarray, num: int, g: torch.Generator) -> torch.Tensor:
+    """`[num]` durations by inverse-CDF sampling of quantiles at levels k/(K-1).
+
+    Interpolates linearly in ln(duration) between neighbouring quantiles: durations span
+    two orders of magnitude and the user model reads them through ln(duration), so this
+    keeps the log-distribution piecewise linear rather than bunching draws in wide bins.
+    """
+    log_q = torch.from_numpy(np.log(quantiles))
+    pos = torch.rand(num, generator=g, dtype=torch.float64) * (len(log_q) - 1)
+    lo = pos.floor().long().clamp(max=len(log_q) - 2)
+    frac = pos - lo
+    return torch.exp(log_q[lo] + frac * (log_q[lo + 1] - log_q[lo])).float()
 
 
 def load_durations(path: str | Path) -> np.ndarray:
@@ -81,19 +112,20 @@ def load_durations(path: str | Path) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def duration_pool(source: str) -> tuple[torch.Tensor | None, str]:
-    """(durations in seconds or None for the log-normal, a description of the source)."""
-    if source == "lognormal":
-        return None, "lognormal"
-    if source == "auto":
-        path = shared_duration_file()
-        if path is None:
-            return None, "lognormal"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"catalogue.durations: file not found: {path}")
-    return torch.from_numpy(load_durations(path)), f"kuairand:{path.name}"
+def sample_durations(spec: str, num: int, g: torch.Generator) -> tuple[torch.Tensor, str]:
+    """(`[num]` durations in seconds, a description of their source) for `catalogue.durations`."""
+    kind, path = duration_spec(spec)
+    if kind == "packaged":
+        return quantile_durations(packaged_duration_table(), num, g), f"packaged:{DURATION_TABLE}"
+    if kind == "lognormal":
+        ln = LOG_DURATION_STD * torch.randn(num, generator=g, dtype=torch.float64)
+        return (MEDIAN_DURATION_S * torch.exp(ln)).float(), "lognormal"
+    file = Path(path)
+    file = file / KUAIRAND_CSV if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"catalogue.durations: file not found: {file}")
+    pool = torch.from_numpy(load_durations(file))
+    return pool[torch.randint(len(pool), (num,), generator=g)].float(), f"kuairand:{file.name}"
 
 
 @dataclass(frozen=True)
@@ -144,12 +176,6 @@ def complement_pattern(C: int, density: float, g: torch.Generator) -> torch.Tens
     return draw
 
 
-def sample_durations(pool: torch.Tensor | None, num: int, g: torch.Generator) -> torch.Tensor:
-    if pool is None:
-        return MEDIAN_DURATION_S * torch.exp(LOG_DURATION_STD * torch.randn(num, generator=g, dtype=torch.float64)).float()
-    return pool[torch.randint(len(pool), (num,), generator=g)].float()
-
-
 def build_catalogue(
     cat: CatalogueConfig, req: RequestConfig, resp: ResponseConfig, seed: int
 ) -> Catalogue:
@@ -162,8 +188,7 @@ def build_catalogue(
     # randn / sqrt(k) has norm ~1, so topic_spread is the noise-to-centre ratio.
     topic = _unit(centres[category] + cat.topic_spread * torch.randn(N, k, generator=g) / math.sqrt(k))
     quality = cat.quality_std * torch.randn(N, generator=g)
-    pool, source = duration_pool(cat.durations)
-    duration = sample_durations(pool, N, seeded(seed, "durations"))
+    duration, source = sample_durations(cat.durations, N, seeded(seed, "durations"))
     complement = complement_pattern(C, resp.complement_density, seeded(seed, "complement"))
 
     og = seeded(seed, "observation")
