@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from dualrerank.errors import ConfigError, DataError
+from dualrerank.config import from_dict
+from dualrerank.errors import CheckpointError, ConfigError, DataError
 from dualrerank.metrics import ndcg_at_k
 from dualrerank.models.baselines import (
+    CATBOOST_LOSSES,
     PRM,
+    CatBoostConfig,
+    CatBoostRank,
     DNNConfig,
     LambdaMART,
     LambdaMARTConfig,
@@ -108,6 +115,10 @@ def test_supervised_gains_graded_and_errors():
     assert torch.equal(gains[mask], batch.labels[..., 0][mask])
     with pytest.raises(DataError, match="negative gain"):
         supervised_gains(replace(batch, labels=-batch.labels - 1))
+    nan = batch.labels.clone()
+    nan[2, 1, 0] = math.nan
+    with pytest.raises(DataError, match="NaN/inf gain in request 2"):
+        supervised_gains(replace(batch, labels=nan))
     with pytest.raises(DataError, match="labels: missing"):
         supervised_gains(replace(batch, labels=None))
 
@@ -206,7 +217,7 @@ def test_prm_learns_and_pads():
 # ---------------------------------------------------------------------- LambdaMART
 def lm_config(**kw) -> LambdaMARTConfig:
     base = dict(candidate_dim=D, context_dim=C, n_estimators=60, num_leaves=7, learning_rate=0.1,
-                min_child_samples=5, early_stopping_rounds=10, eval_at=5)
+                min_child_samples=5, early_stopping_rounds=10, eval_at=5, num_threads=1)
     return LambdaMARTConfig(**{**base, **kw})
 
 
@@ -241,3 +252,144 @@ def test_lambdamart_on_logs_trains_on_shown_items_and_errors():
         model.fit(replace(frac, candidates=torch.zeros(5, 6, D + 2)))
     with pytest.raises(ConfigError, match="num_leaves"):
         LambdaMART(lm_config(num_leaves=1))
+
+
+def noisy_batch(B: int, n: int, seed: int) -> RerankBatch:
+    """`graded_batch` whose relevance is feature 0 plus noise: no tree fits it in a few
+    rounds, so early stopping and the random seed both matter."""
+    batch = graded_batch(B, n, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = batch.candidates[..., 0] + torch.randn(B, n, generator=g)
+    rel = (x > 0.0).float() + (x > 1.0).float()
+    return replace(batch, labels=rel.unsqueeze(-1))
+
+
+def test_lambdamart_seed_reaches_lightgbm():
+    trn, val, tst = noisy_batch(300, 10, seed=1), noisy_batch(100, 10, seed=2), noisy_batch(50, 10, seed=3)
+
+    def scores(**kw) -> torch.Tensor:
+        model = LambdaMART(lm_config(n_estimators=20, early_stopping_rounds=0, bagging_fraction=0.5, feature_fraction=0.5, **kw))
+        model.fit(trn, val)
+        return model.scores(tst)
+
+    assert torch.equal(scores(seed=3), scores(seed=3))
+    assert not torch.equal(scores(seed=3), scores(seed=4))
+    with pytest.raises(ConfigError, match="bagging_fraction"):
+        LambdaMART(lm_config(bagging_fraction=0.0))
+
+
+# ---------------------------------------------------------------------- CatBoost
+def cb_config(**kw) -> CatBoostConfig:
+    base = dict(candidate_dim=D, context_dim=C, n_estimators=40, depth=3, learning_rate=0.2,
+                early_stopping_rounds=10, eval_at=5, num_threads=1)
+    return CatBoostConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("loss", CATBOOST_LOSSES)
+def test_catboost_fits_and_ranks_toy_set(loss: str):
+    trn, val, tst = graded_batch(300, 10, seed=7), graded_batch(100, 10, seed=8), graded_batch(200, 10, seed=9)
+    model = CatBoostRank(cb_config(loss=loss))
+    summary = model.fit(trn, val)
+    assert 1 <= summary["best_iteration"] == summary["num_trees"] <= 40 and summary["valid_ndcg@5"] > 0.9
+    s = model.scores(tst)
+    assert s.dtype == torch.float32 and torch.isinf(s[~tst.candidate_mask]).all()
+    pages = model.rerank(tst, 5)
+    assert is_valid_page(pages, tst.candidate_mask)
+    ndcg = ndcg_at_k(tst.labels[..., 0], pages, tst.candidate_mask, 5).mean().item()
+    up = ndcg_at_k(tst.labels[..., 0], UpstreamSort().rerank(tst, 5), tst.candidate_mask, 5).mean().item()
+    assert ndcg > 0.9 and ndcg > up
+
+
+def test_catboost_early_stops_on_validation_and_is_seeded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # CatBoost must not leave catboost_info/ in the working directory
+    trn, val, tst = noisy_batch(300, 10, seed=1), noisy_batch(100, 10, seed=2), noisy_batch(50, 10, seed=3)
+
+    def fit(**kw) -> tuple[CatBoostRank, dict]:
+        model = CatBoostRank(cb_config(n_estimators=200, learning_rate=0.3, **kw))
+        return model, model.fit(trn, val)
+
+    a, info = fit(seed=5)
+    assert info["num_trees"] == info["best_iteration"] < 200  # stopped early, kept the best tree count
+    b, _ = fit(seed=5)
+    c, _ = fit(seed=6)
+    assert torch.equal(a.scores(tst), b.scores(tst))
+    assert not torch.equal(a.scores(tst), c.scores(tst))
+    assert list(tmp_path.iterdir()) == []
+    without_valid = CatBoostRank(cb_config(n_estimators=12)).fit(trn)
+    assert without_valid == {"num_trees": 12, "best_iteration": 12}
+
+
+def test_catboost_checkpoint_round_trip_and_corruption(tmp_path):
+    from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+
+    trn, tst = noisy_batch(200, 8, seed=4), noisy_batch(30, 8, seed=5)
+    model = CatBoostRank(cb_config(n_estimators=15, loss="LambdaMart", seed=2))
+    model.fit(trn)
+    path = save_checkpoint(model, tmp_path / "cb", "catboost", extra={"fit": {"num_trees": 15}})
+    files = read_checkpoint_info(path)["files"]
+    # Every file the model wrote is in the checksummed manifest, and nothing else is there.
+    assert set(files) == {"catboost.cbm"} and {p.name for p in path.iterdir()} == {"catboost.cbm", "config.json"}
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, CatBoostRank) and loaded.config == model.config
+    assert torch.equal(loaded.scores(tst), model.scores(tst))
+    assert torch.equal(loaded.rerank(tst, 4), model.rerank(tst, 4))
+
+    (path / "catboost.cbm").write_bytes(b"not a catboost model")
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path)
+    meta = json.loads((path / "config.json").read_text())
+    meta["files"]["catboost.cbm"] = hashlib.sha256(b"not a catboost model").hexdigest()
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="catboost.cbm is corrupt") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not fitted"):
+        CatBoostRank(cb_config()).save(tmp_path)
+
+
+def test_catboost_bad_labels_and_config_are_one_line_errors():
+    batch = noisy_batch(20, 6, seed=0)
+    model = CatBoostRank(cb_config(n_estimators=5))
+    nan = batch.labels.clone()
+    nan[3, 0, 0] = math.nan
+    for labels, message in [
+        (nan, "NaN/inf gain in request 3"),
+        (-batch.labels - 1, "negative gain"),
+        (torch.ones_like(batch.labels), "no request has two candidates with different gains"),
+    ]:
+        with pytest.raises(DataError, match=message) as err:
+            model.fit(replace(batch, labels=labels))
+        assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="NaN/inf gain"):  # the validation split is checked too
+        model.fit(batch, replace(batch, labels=nan))
+    with pytest.raises(DataError, match="feature width"):
+        model.fit(replace(batch, candidates=torch.zeros(20, 6, D + 2)))
+    with pytest.raises(ConfigError, match="not fitted"):
+        model.scores(batch)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        CatBoostRank(cb_config(loss="RMSE"))
+    with pytest.raises(ConfigError, match="depth"):
+        CatBoostRank(cb_config(depth=0))
+    with pytest.raises(ConfigError, match="YetiRank"):  # a YAML/CLI config lists the choices
+        from_dict(CatBoostConfig, {"loss": "Yeti"})
+
+
+def test_tree_fit_shows_one_tick_per_tree(capsys, monkeypatch):
+    import dualrerank.models.baselines as baselines
+
+    closed: list[tuple[str, int, int]] = []
+
+    class Recording(baselines.tqdm):
+        def close(self) -> None:
+            if not self.disable:
+                closed.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(baselines, "tqdm", Recording)
+    batch = noisy_batch(40, 6, seed=0)
+    CatBoostRank(cb_config(n_estimators=7)).fit(batch, progress=True)
+    LambdaMART(lm_config(n_estimators=6, min_child_samples=2)).fit(batch, progress=True)
+    assert closed == [("catboost trees", 7, 7), ("lambdamart trees", 6, 6)]
+    assert "catboost trees" in capsys.readouterr().err
+    CatBoostRank(cb_config(n_estimators=3)).fit(batch)
+    assert capsys.readouterr().err == ""  # quiet by default (no bar, no CatBoost log)

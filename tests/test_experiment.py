@@ -12,7 +12,14 @@ import yaml
 from dualrerank.cli import main
 from dualrerank.config import from_dict
 from dualrerank.errors import ConfigError
-from dualrerank.train.experiment import FIGURES, ExperimentConfig, planned_rows, summarize_rows
+from dualrerank.train.experiment import (
+    FIGURES,
+    ExperimentConfig,
+    planned_rows,
+    summarize_rows,
+    train_config,
+    tree_comparison,
+)
 
 TINY_ENCODER = {"d_model": 16, "n_heads": 2, "n_layers": 1, "dropout": 0.0}
 TINY = {
@@ -25,11 +32,12 @@ TINY = {
     "overrides": {
         "dnn": {"model_config": {"hidden": [8]}},
         "lambdamart": {"model_config": {"n_estimators": 5, "num_threads": 1}},
+        "catboost": {"model_config": {"n_estimators": 5, "depth": 2, "num_threads": 1}},
         "evaluator_beam": {"model_config": {"n_layers": 1, "beam_width": 2}},
     },
     "latency_requests": 3,
 }
-MODELS = ["upstream", "dnn", "lambdamart", "teacher", "nar_no_kd", "student_skd"]
+MODELS = ["upstream", "dnn", "lambdamart", "catboost", "teacher", "nar_no_kd", "student_skd"]
 
 
 def _config(tmp_path: Path, **changes) -> Path:
@@ -73,6 +81,18 @@ def test_tiny_experiment_writes_summary_report_plots_and_reuses(tmp_path, capsys
     assert 0.0 <= by["nar_no_kd"]["collapse_rate"] <= 1.0  # NAR rows expose logits
     assert by["evaluator_beam"]["collapse_rate"] is None  # no position x item logits
     assert by["upstream"]["params"] is not None and by["lambdamart"]["params"] is None
+    assert by["catboost"]["params"] is None and isinstance(by["catboost"]["normalized_utility"], float)
+    # The report names the better tree row; the student is measured against that one.
+    best = summary["best_tree"]
+    assert best["key"] == "normalized_utility" and best["row"] in ("lambdamart", "catboost")
+    assert best["mean"] == max(by["lambdamart"]["normalized_utility"], by["catboost"]["normalized_utility"])
+    assert best["student_skd"] == by["student_skd"]["normalized_utility"]
+    # Each tree run took the run's seed and early-stopped on the validation split.
+    for row in ("lambdamart", "catboost"):
+        run = out / "runs" / row / "seed0"
+        assert yaml.safe_load((run / "config.yaml").read_text())["model_config"]["seed"] == 0
+        fit = json.loads((run / "checkpoint" / "config.json").read_text())["extra"]["fit"]
+        assert "valid_ndcg@10" in fit and fit["best_iteration"] <= 5
     assert summary["commands"][0].startswith("dualrerank experiment offline --config ")
     assert summary["config"]["seeds"] == [0]
     assert (out / "runs" / "teacher" / "seed0" / "checkpoint").is_dir()
@@ -84,6 +104,8 @@ def test_tiny_experiment_writes_summary_report_plots_and_reuses(tmp_path, capsys
     for name in ("curves_ptar.png", "curves_collapse.png", "curves_kd_loss.png"):
         assert (out / name).is_file(), name
     assert "ratio" in report and "curves_ptar.png" in report
+    assert f"Best tree row by normalized_utility: {best['row']}" in report
+    assert f"student_skd vs the best tree row ({best['row']})" in report
 
     before = _mtimes(out)
     assert len(before) == len(expected)
@@ -104,6 +126,8 @@ def test_tiny_experiment_writes_summary_report_plots_and_reuses(tmp_path, capsys
         ({"overrides": {"teacher": {"model_config": {"no_such_key": 1}}}}, "no_such_key"),
         ({"data": {"source": "letor", "path": "/no/such/folder"}}, "/no/such/folder"),
         ({"distill": {"seed": 3}}, "distill.seed"),
+        ({"overrides": {"catboost": {"model_config": {"seed": 3}}}}, "overrides.catboost.model_config.seed"),
+        ({"overrides": {"catboost": {"model_config": {"loss": "RMSE"}}}}, "YetiRank"),
         ({"colour": "red"}, "colour"),
     ],
 )
@@ -129,6 +153,32 @@ def test_dependencies_are_planned_first():
     assert planned_rows(scorers) == ["upstream", "dnn"]
     with pytest.raises(ConfigError, match="target"):
         from_dict(ExperimentConfig, {"overrides": {"teacher": {"objective": {"target": "logged"}}}})
+
+
+def test_tree_rows_take_the_run_seed():
+    cfg = ExperimentConfig(models=["lambdamart", "catboost", "dnn"])
+    for row in ("lambdamart", "catboost"):
+        assert [train_config(cfg, row, seed).model_config["seed"] for seed in (0, 7)] == [0, 7]
+    assert "seed" not in train_config(cfg, "dnn", 7).model_config  # torch models are seeded by the run itself
+
+
+def test_tree_comparison_picks_the_better_tree_row():
+    def row(model, ndcg, std, util=0.1):
+        return {"model": model, "ndcg@10": ndcg, "ndcg@10_std": std, "normalized_utility": util}
+
+    rows = [row("lambdamart", 0.501, 0.0), row("catboost", 0.505, 0.004), row("student_skd", 0.502, 0.002)]
+    best = tree_comparison(rows)
+    assert (best["key"], best["row"], best["mean"], best["others"]) == ("ndcg@10", "catboost", 0.505, {"lambdamart": 0.501})
+    assert best["margin"] == 0.004 and best["student_within_one_std_or_above"] is True
+    rows[2] = row("student_skd", 0.500, 0.002)
+    assert tree_comparison(rows)["student_within_one_std_or_above"] is False
+    # Without real labels the figure is normalized utility; one tree row alone is the best.
+    synthetic = [row("lambdamart", None, None, util=0.45), row("student_skd", None, None, util=0.48)]
+    best = tree_comparison(synthetic)
+    assert (best["key"], best["row"], best["margin"], best["student_within_one_std_or_above"]) == (
+        "normalized_utility", "lambdamart", 0.0, True)
+    assert tree_comparison([row("student_skd", 0.5, None)]) is None
+    assert "student_skd" not in tree_comparison(rows[:2])
 
 
 def test_summary_mean_std_and_nulls():

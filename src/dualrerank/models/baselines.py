@@ -1,4 +1,5 @@
-"""Score-and-sort baselines: upstream sort, a pointwise DNN, PRM and LambdaMART.
+"""Score-and-sort baselines: upstream sort, a pointwise DNN, PRM, and two gradient-boosted
+tree rankers (LightGBM LambdaMART, CatBoost).
 
 - `UpstreamSort`: the upstream ranker's order (no parameters) [ours].
 - `PointwiseDNN`: an MLP on `[item features, context, item * W context]` [ours]; one score
@@ -13,11 +14,20 @@
   the engine behind `LGBMRanker`, which would also need scikit-learn) on candidate
   features plus the broadcast context; one query group per request [Burges 2010, via
   LightGBM].
+- `CatBoostRank`: CatBoost's `CatBoostRanker` on the same rows and groups, loss YetiRank
+  by default [Gulin et al. 2011; Lyzhin et al., ICML 2023, via CatBoost], or QueryRMSE,
+  LambdaMart, PairLogitPairwise. A team choosing a reranker compares it with the best tree
+  ranker it could use instead, which is not always LightGBM (docs/experiments.md).
+
+Both tree rankers early-stop on NDCG@`eval_at` of the validation split (exponential gain,
+as `metrics.ndcg_at_k`), keep the best iteration, take their random seed from the config,
+and save one model file in their library's own format into the checkpoint directory.
 
 Supervised target shared by all trainable baselines (`supervised_gains`) [ours]: on
 graded lists the graded label; on logs the gain click + long view of each *shown* item,
 with unshown items excluded (unshown is not negative). The nn.Module baselines train with
-`losses.listwise_softmax_ce` on that gain; LambdaMART uses it as its integer relevance.
+`losses.listwise_softmax_ce` on that gain; LambdaMART uses it as its integer relevance,
+CatBoost as its (real-valued) target.
 
 Every model: `scores(batch) -> [B, n]` (padding = -inf) and `rerank(batch, k) -> [B, k]`
 by a stable sort (`decoding.sort_pages`).
@@ -26,13 +36,17 @@ by a stable sort (`decoding.sort_pages`).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import catboost
 import lightgbm as lgb
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dualrerank.config import option
 from dualrerank.decoding import sort_pages
@@ -53,6 +67,9 @@ __all__ = [
     "PRM",
     "LambdaMARTConfig",
     "LambdaMART",
+    "CATBOOST_LOSSES",
+    "CatBoostConfig",
+    "CatBoostRank",
 ]
 
 LOG_GAIN_NAMES = ("click", "long_view")
@@ -85,6 +102,10 @@ def supervised_gains(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
         mask = shown & batch.candidate_mask
     else:
         gains, mask = graded_column(batch), batch.candidate_mask
+    # NaN passes a `< 0` test; LightGBM would read it as a missing label, CatBoost stops.
+    bad = (~torch.isfinite(gains) & mask).any(dim=1)
+    if bool(bad.any()):
+        raise DataError(f"labels: NaN/inf gain in {batch.request_name(int(bad.nonzero()[0]))}; gains must be finite")
     bad = ((gains < 0) & mask).any(dim=1)
     if bool(bad.any()):
         raise DataError(f"labels: negative gain in {batch.request_name(int(bad.nonzero()[0]))}; gains must be >= 0")
@@ -255,6 +276,85 @@ class PRM(_ListwiseTrained, nn.Module):
         return _mask_scores(self.head(self.ln_out(h)).squeeze(-1), mask)
 
 
+# ---------------------------------------------------------------------- tree rankers
+class _TreeRanker(_ScoreAndSort, ABC):
+    """What the gradient-boosted rankers share (they are not nn.Modules): the feature rows,
+    the training rows and their checks, scores, and the progress bar of `fit`.
+
+    Subclasses set `name` (registry name), `model_file` (the one file `save` writes into
+    the checkpoint directory) and define `_train`, `_predict`, `_fitted`, `save`, `load`."""
+
+    name: str
+    model_file: str
+
+    def _features(self, batch: RerankBatch, rows: torch.Tensor) -> np.ndarray:
+        """`[rows.sum(), d + c]` features of the selected candidates, request by request."""
+        _check_dims(batch, self.config.candidate_dim, self.config.context_dim, self.name)
+        ctx = batch.context.unsqueeze(1).expand(-1, batch.num_candidates, -1)
+        return torch.cat([batch.candidates, ctx], dim=-1)[rows].double().cpu().numpy()
+
+    def _dataset(self, batch: RerankBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features, gains (float64) and group sizes of the labelled candidates; the rows of a
+        group are contiguous (boolean indexing keeps request order)."""
+        gains, mask = supervised_gains(batch)
+        sizes = mask.sum(dim=1)
+        groups = sizes[sizes > 0].cpu().numpy()
+        if groups.size == 0:
+            raise DataError("labels: no request has a labelled (shown) candidate to train on")
+        return self._features(batch, mask), gains[mask].double().cpu().numpy(), groups
+
+    def _train_rows(self, batch: RerankBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        X, y, groups = self._dataset(batch)
+        # Every ranking loss learns from pairs inside a request: with no request holding two
+        # different gains there is nothing to learn (CatBoost stops with a C++ trace).
+        starts = np.concatenate([[0], np.cumsum(groups)[:-1]])
+        if not bool((np.maximum.reduceat(y, starts) > np.minimum.reduceat(y, starts)).any()):
+            raise DataError(f"labels: no request has two candidates with different gains; {self.name} has no pair to learn from")
+        return X, y, groups
+
+    def fit(self, train: RerankBatch, valid: RerankBatch | None = None, *, progress: bool = False) -> dict:
+        """Train on `train`; with `valid`, early-stop on its NDCG@eval_at (exponential gain,
+        as `metrics.ndcg_at_k`) and keep the best iteration. Returns `{"num_trees",
+        "best_iteration", "valid_ndcg@k"}` (the last with `valid` only)."""
+        X, y, g = self._train_rows(train)
+        val = self._dataset(valid) if valid is not None else None
+        with tqdm(total=self.config.n_estimators, desc=f"{self.name} trees", unit="tree", disable=not progress, leave=False) as bar:
+            return self._train(X, y, g, val, bar)
+
+    @abstractmethod
+    def _train(self, X: np.ndarray, y: np.ndarray, g: np.ndarray, val: tuple | None, bar: tqdm) -> dict:
+        """Fit on rows `X`, gains `y`, group sizes `g` (early-stop on `val` = (X, y, g))."""
+
+    @abstractmethod
+    def _predict(self, X: np.ndarray) -> np.ndarray:
+        """One score per row of `X`."""
+
+    @abstractmethod
+    def _fitted(self) -> bool:
+        """Whether a trained or loaded model is held."""
+
+    def scores(self, batch: RerankBatch) -> torch.Tensor:
+        """`[B, n]` scores, -inf at padding."""
+        if not self._fitted():
+            raise ConfigError(f"{self.name}: model is not fitted; call fit() or load a checkpoint")
+        mask = batch.candidate_mask
+        pred = self._predict(self._features(batch, mask))
+        out = torch.full(mask.shape, -math.inf, dtype=torch.float32, device=mask.device)
+        out[mask] = torch.from_numpy(np.asarray(pred, dtype=np.float32)).to(mask.device)
+        return out
+
+    def _model_path(self, directory: str | Path) -> Path:
+        path = Path(directory) / self.model_file
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {self.model_file} missing")
+        return path
+
+    def _check_width(self, n_features: int, directory: str | Path) -> None:
+        expected = self.config.candidate_dim + self.config.context_dim
+        if n_features != expected:
+            raise CheckpointError(f"checkpoint {directory}: model has {n_features} features, config says {expected}")
+
+
 # ---------------------------------------------------------------------- LambdaMART
 @dataclass
 class LambdaMARTConfig:
@@ -266,43 +366,38 @@ class LambdaMARTConfig:
     min_child_samples: int = option(20, "minimum rows per leaf")
     early_stopping_rounds: int = option(30, "stop when validation NDCG has not improved for this many rounds (0: off)")
     eval_at: int = option(10, "NDCG cutoff used for early stopping")
-    seed: int = option(0, "LightGBM random seed")
+    bagging_fraction: float = option(1.0, "share of rows drawn (by `seed`) for each tree; 1: all rows, no randomness")
+    feature_fraction: float = option(1.0, "share of features drawn (by `seed`) for each tree; 1: all features")
+    seed: int = option(0, "LightGBM random seed (the experiment sets it to the run's seed)")
     num_threads: int = option(2, "LightGBM threads")
 
 
 MODEL_FILE = "lightgbm.txt"
 
 
-class LambdaMART(_ScoreAndSort):
+class LambdaMART(_TreeRanker):
     """LightGBM LambdaMART ranker (not an nn.Module): `fit`, `scores`, `rerank`, `save`/`load`."""
+
+    name = "lambdamart"
+    model_file = MODEL_FILE
 
     def __init__(self, config: LambdaMARTConfig) -> None:
         if config.n_estimators < 1 or config.num_leaves < 2 or config.learning_rate <= 0 or config.eval_at < 1:
             raise ConfigError("lambdamart: need n_estimators >= 1, num_leaves >= 2, learning_rate > 0, eval_at >= 1")
+        if not (0 < config.bagging_fraction <= 1 and 0 < config.feature_fraction <= 1) or config.num_threads < 1:
+            raise ConfigError("lambdamart: need bagging_fraction and feature_fraction in (0, 1], num_threads >= 1")
         self.config = config
         self.booster: lgb.Booster | None = None
 
-    def _features(self, batch: RerankBatch, rows: torch.Tensor) -> np.ndarray:
-        """`[rows.sum(), d + c]` features of the selected candidates, request by request."""
-        _check_dims(batch, self.config.candidate_dim, self.config.context_dim, "LambdaMART")
-        ctx = batch.context.unsqueeze(1).expand(-1, batch.num_candidates, -1)
-        return torch.cat([batch.candidates, ctx], dim=-1)[rows].double().cpu().numpy()
-
     def _dataset(self, batch: RerankBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        gains, mask = supervised_gains(batch)
-        lab = gains[mask]
-        if bool((lab != lab.round()).any()) or bool((lab > 30).any()):
+        X, y, groups = super()._dataset(batch)
+        # lambdarank's default label_gain table is 2^i - 1 for i in 0..30.
+        if bool((y != np.round(y)).any()) or bool((y > 30).any()):
             raise DataError("labels: LambdaMART needs integer gains in 0..30 (graded relevance or click + long view)")
-        sizes = mask.sum(dim=1)
-        groups = sizes[sizes > 0].cpu().numpy()
-        if groups.size == 0:
-            raise DataError("labels: no request has a labelled (shown) candidate to train on")
-        return self._features(batch, mask), lab.cpu().numpy().astype(np.int32), groups
+        return X, y.astype(np.int32), groups
 
-    def fit(self, train: RerankBatch, valid: RerankBatch | None = None) -> dict:
-        """Train on `train`; early-stop on NDCG@eval_at of `valid`. Returns a summary dict."""
+    def _train(self, X: np.ndarray, y: np.ndarray, g: np.ndarray, val: tuple | None, bar: tqdm) -> dict:
         cfg = self.config
-        X, y, g = self._dataset(train)
         params = {
             "objective": "lambdarank",
             "metric": "ndcg",
@@ -310,6 +405,9 @@ class LambdaMART(_ScoreAndSort):
             "num_leaves": cfg.num_leaves,
             "learning_rate": cfg.learning_rate,
             "min_child_samples": cfg.min_child_samples,
+            "bagging_fraction": cfg.bagging_fraction,
+            "bagging_freq": 1 if cfg.bagging_fraction < 1 else 0,  # LightGBM bags only with a frequency
+            "feature_fraction": cfg.feature_fraction,
             "seed": cfg.seed,
             "num_threads": cfg.num_threads,
             "deterministic": True,
@@ -317,10 +415,10 @@ class LambdaMART(_ScoreAndSort):
             "verbose": -1,
         }
         train_set = lgb.Dataset(X, y, group=g, params={"verbose": -1})
-        valid_sets, callbacks, record = [], [], {}
-        if valid is not None:
-            Xv, yv, gv = self._dataset(valid)
-            valid_sets = [lgb.Dataset(Xv, yv, group=gv, reference=train_set, params={"verbose": -1})]
+        valid_sets, record = [], {}
+        callbacks = [lambda env: bar.update(1)]
+        if val is not None:
+            valid_sets = [lgb.Dataset(*val[:2], group=val[2], reference=train_set, params={"verbose": -1})]
             callbacks.append(lgb.record_evaluation(record))
             if cfg.early_stopping_rounds > 0:
                 callbacks.append(lgb.early_stopping(cfg.early_stopping_rounds, verbose=False))
@@ -329,20 +427,15 @@ class LambdaMART(_ScoreAndSort):
         self.booster = booster
         best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
         summary: dict = {"num_trees": booster.num_trees(), "best_iteration": best}
-        if valid is not None:
-            curve = record["valid"][f"ndcg@{cfg.eval_at}"]
-            summary[f"valid_ndcg@{cfg.eval_at}"] = float(curve[best - 1])
+        if val is not None:
+            summary[f"valid_ndcg@{cfg.eval_at}"] = float(record["valid"][f"ndcg@{cfg.eval_at}"][best - 1])
         return summary
 
-    def scores(self, batch: RerankBatch) -> torch.Tensor:
-        """`[B, n]` LightGBM scores, -inf at padding."""
-        if self.booster is None:
-            raise ConfigError("lambdamart: model is not fitted; call fit() or load a checkpoint")
-        mask = batch.candidate_mask
-        pred = self.booster.predict(self._features(batch, mask), num_threads=self.config.num_threads)
-        out = torch.full(mask.shape, -math.inf, dtype=torch.float32, device=mask.device)
-        out[mask] = torch.from_numpy(np.asarray(pred, dtype=np.float32)).to(mask.device)
-        return out
+    def _fitted(self) -> bool:
+        return self.booster is not None
+
+    def _predict(self, X: np.ndarray) -> np.ndarray:
+        return self.booster.predict(X, num_threads=self.config.num_threads)
 
     def save(self, directory: str | Path) -> None:
         """Write LightGBM's model text file (best iteration) into `directory`."""
@@ -352,15 +445,123 @@ class LambdaMART(_ScoreAndSort):
 
     def load(self, directory: str | Path) -> "LambdaMART":
         """Read the model text file written by `save`; raises `CheckpointError` if unusable."""
-        path = Path(directory) / MODEL_FILE
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {directory}: {MODEL_FILE} missing")
+        path = self._model_path(directory)
         try:
             booster = lgb.Booster(model_file=str(path))
         except lgb.basic.LightGBMError as exc:
             raise CheckpointError(f"checkpoint {directory}: {MODEL_FILE} is corrupt ({str(exc).splitlines()[0]})") from None
-        expected = self.config.candidate_dim + self.config.context_dim
-        if booster.num_feature() != expected:
-            raise CheckpointError(f"checkpoint {directory}: model has {booster.num_feature()} features, config says {expected}")
+        self._check_width(booster.num_feature(), directory)
         self.booster = booster
+        return self
+
+
+# ---------------------------------------------------------------------- CatBoost
+CATBOOST_LOSSES = ("YetiRank", "QueryRMSE", "LambdaMart", "PairLogitPairwise")
+
+
+@dataclass
+class CatBoostConfig:
+    candidate_dim: int = option(0, "candidate feature width d (set from the data)")
+    context_dim: int = option(0, "context feature width c (set from the data)")
+    loss: str = option("YetiRank", "CatBoost ranking loss", choices=CATBOOST_LOSSES)
+    n_estimators: int = option(1000, "boosting rounds (upper bound when early stopping)")
+    depth: int = option(6, "depth of each (symmetric) tree")
+    learning_rate: float = option(0.05, "shrinkage")
+    l2_leaf_reg: float = option(3.0, "L2 regularisation of leaf values")
+    early_stopping_rounds: int = option(50, "stop when validation NDCG has not improved for this many rounds (0: off)")
+    eval_at: int = option(10, "NDCG cutoff used for early stopping")
+    seed: int = option(0, "CatBoost random seed (the experiment sets it to the run's seed)")
+    num_threads: int = option(2, "CatBoost threads (thread_count)")
+
+
+CATBOOST_FILE = "catboost.cbm"
+
+
+class _CatBoostProgress:
+    """CatBoost callback: one tick of the bar per tree (CatBoost calls `after_iteration`)."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def after_iteration(self, info: Any) -> bool:
+        self.bar.update(1)
+        return True  # keep training
+
+
+class CatBoostRank(_TreeRanker):
+    """CatBoost ranker (`catboost.CatBoostRanker`, not an nn.Module): `fit`, `scores`,
+    `rerank`, `save`/`load`."""
+
+    name = "catboost"
+    model_file = CATBOOST_FILE
+
+    def __init__(self, config: CatBoostConfig) -> None:
+        if config.loss not in CATBOOST_LOSSES:
+            raise ConfigError(f"catboost: loss must be one of {list(CATBOOST_LOSSES)}, got {config.loss!r}")
+        if config.n_estimators < 1 or not 1 <= config.depth <= 16 or config.learning_rate <= 0 or config.eval_at < 1:
+            raise ConfigError("catboost: need n_estimators >= 1, depth in 1..16, learning_rate > 0, eval_at >= 1")
+        if config.l2_leaf_reg < 0 or config.early_stopping_rounds < 0 or config.num_threads < 1:
+            raise ConfigError("catboost: need l2_leaf_reg >= 0, early_stopping_rounds >= 0, num_threads >= 1")
+        self.config = config
+        self.model: catboost.CatBoostRanker | None = None
+
+    @staticmethod
+    def _pool(X: np.ndarray, y: np.ndarray, g: np.ndarray) -> catboost.Pool:
+        return catboost.Pool(X, y, group_id=np.repeat(np.arange(g.size), g))
+
+    def _train(self, X: np.ndarray, y: np.ndarray, g: np.ndarray, val: tuple | None, bar: tqdm) -> dict:
+        cfg = self.config
+        metric = f"NDCG:top={cfg.eval_at};type=Exp"  # the gain of metrics.ndcg_at_k
+        model = catboost.CatBoostRanker(
+            loss_function=cfg.loss,
+            iterations=cfg.n_estimators,
+            depth=cfg.depth,
+            learning_rate=cfg.learning_rate,
+            l2_leaf_reg=cfg.l2_leaf_reg,
+            random_seed=cfg.seed,
+            thread_count=cfg.num_threads,
+            eval_metric=metric,
+            logging_level="Silent",
+            allow_writing_files=False,  # else CatBoost writes catboost_info/ into the working directory
+        )
+        try:
+            model.fit(
+                self._pool(X, y, g),
+                eval_set=self._pool(*val) if val is not None else None,
+                early_stopping_rounds=cfg.early_stopping_rounds if val is not None and cfg.early_stopping_rounds > 0 else None,
+                use_best_model=val is not None,
+                callbacks=[_CatBoostProgress(bar)],
+            )
+        except catboost.CatBoostError as exc:
+            raise DataError(f"catboost: training failed ({str(exc).splitlines()[0]})") from None
+        self.model = model
+        best = model.get_best_iteration()
+        best = best + 1 if best is not None else model.tree_count_
+        summary: dict = {"num_trees": model.tree_count_, "best_iteration": best}
+        if val is not None:
+            summary[f"valid_ndcg@{cfg.eval_at}"] = float(model.get_evals_result()["validation"][metric][best - 1])
+        return summary
+
+    def _fitted(self) -> bool:
+        return self.model is not None
+
+    def _predict(self, X: np.ndarray) -> np.ndarray:
+        return self.model.predict(X, thread_count=self.config.num_threads)
+
+    def save(self, directory: str | Path) -> None:
+        """Write CatBoost's binary model (`catboost.cbm`, best iteration) into `directory`."""
+        if self.model is None:
+            raise ConfigError("catboost: model is not fitted; nothing to save")
+        self.model.save_model(str(Path(directory) / CATBOOST_FILE), format="cbm")
+
+    def load(self, directory: str | Path) -> "CatBoostRank":
+        """Read the model written by `save`; raises `CheckpointError` if unusable."""
+        path = self._model_path(directory)
+        model = catboost.CatBoostRanker()
+        try:
+            model.load_model(str(path), format="cbm")
+        except catboost.CatBoostError as exc:
+            raise CheckpointError(f"checkpoint {directory}: {CATBOOST_FILE} is corrupt ({str(exc).splitlines()[0]})") from None
+        self._check_width(len(model.feature_names_), directory)
+        self.model = model
         return self

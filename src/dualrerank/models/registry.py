@@ -2,14 +2,16 @@
 
 Checkpoints, the CLI and the training code find models here by name; nothing dispatches
 on a name with if/elif. Classes are imported lazily (`module:Class` paths resolved with
-importlib) so that importing the registry does not import every model (nor LightGBM).
+importlib) so that importing the registry does not import every model (nor LightGBM or
+CatBoost).
 
 Kinds:
     "ar"         autoregressive list generator (teacher, Seq2Slate)
     "nar"        non-autoregressive list generator (student)
     "evaluator"  list-wise evaluator (predicts per-position feedback of a page)
     "scorer"     score-and-sort nn.Module (DNN, PRM, upstream sort)
-    "tree"       LightGBM model (not an nn.Module; saved as LightGBM's model text file)
+    "tree"       gradient-boosted ranker (not an nn.Module; `fit(train, valid)`, saved as its
+                 library's own model file: LightGBM's text file, CatBoost's .cbm)
 
 `objective_defaults` are training-objective settings an entry implies without any model
 difference: Seq2Slate is the AR teacher trained with `bpr_weight = 0` (the trainer's
@@ -68,6 +70,7 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType({
     "prm": ModelSpec(f"{_B}:PRM", f"{_B}:PRMConfig", "scorer"),
     "upstream": ModelSpec(f"{_B}:UpstreamSort", f"{_B}:UpstreamConfig", "scorer"),
     "lambdamart": ModelSpec(f"{_B}:LambdaMART", f"{_B}:LambdaMARTConfig", "tree"),
+    "catboost": ModelSpec(f"{_B}:CatBoostRank", f"{_B}:CatBoostConfig", "tree"),
 })
 
 

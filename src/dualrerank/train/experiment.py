@@ -16,6 +16,7 @@ Rows (`ROWS`), all trained on the same splits (loaded once) with the same seed p
     upstream        the upstream ranker's order (no training)
     dnn, prm        score-and-sort baselines with their own supervised losses
     lambdamart      LightGBM LambdaMART
+    catboost        CatBoost ranker (YetiRank by default)
     evaluator_beam  beam search over the learned list-wise evaluator; the same evaluator
                     builds the 'evaluator' targets of teacher and seq2slate (one per seed)
     teacher         AR teacher, MLE + BPR on evaluator targets
@@ -28,6 +29,11 @@ Rows (`ROWS`), all trained on the same splits (loaded once) with the same seed p
 Agreement figures (PTAR@L, @4, exact page; collapse rate, mean row JS and the certified
 PTAR where a model exposes position x item logits) compare every list generator with the
 teacher of the same seed on the test split (`train.distill.agreement_figures`).
+
+The tree rows (`TREE_ROWS`) early-stop on the validation split and take the run's seed as
+their own random seed. A team weighs a reranker against the best tree ranker it could use
+instead, so the report names the better tree row (`tree_comparison`) and measures the
+distilled student against that one.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import torch
 from torch import nn
 
 from dualrerank.config import from_dict, merge_dicts, option, to_dict
-from dualrerank.errors import ConfigError, DataError
+from dualrerank.errors import ConfigError
 from dualrerank.files import write_json, write_text
 from dualrerank.models.checkpoint import load_checkpoint
 from dualrerank.models.registry import config_from_dict, default_config
@@ -62,11 +68,13 @@ if TYPE_CHECKING:  # imported lazily at run time: distill and supervised pull in
 __all__ = [
     "ROWS",
     "GENERATOR_ROWS",
+    "TREE_ROWS",
     "RowOverride",
     "ExperimentConfig",
     "check_experiment",
     "run_offline_experiment",
     "summarize_rows",
+    "tree_comparison",
 ]
 
 
@@ -83,6 +91,7 @@ _ROWS: dict[str, _Row] = {
     "dnn": _Row("dnn", "train"),
     "prm": _Row("prm", "train"),
     "lambdamart": _Row("lambdamart", "train"),
+    "catboost": _Row("catboost", "train"),
     "seq2slate": _Row("seq2slate", "train", target="evaluator"),
     "teacher": _Row("teacher", "train", target="evaluator"),
     "teacher_logged": _Row("teacher", "train", target="logged"),
@@ -94,6 +103,8 @@ _ROWS: dict[str, _Row] = {
 
 #: Row names in table order.
 ROWS: tuple[str, ...] = tuple(_ROWS)
+#: Gradient-boosted tree rows; the report compares the student with the best of them.
+TREE_ROWS: tuple[str, ...] = ("lambdamart", "catboost")
 #: Rows that generate pages position by position (agreement with the teacher is reported).
 GENERATOR_ROWS: frozenset[str] = frozenset(
     {"seq2slate", "teacher", "teacher_logged", "nar_no_kd", "nar_direct", "student_skd", "evaluator_beam"}
@@ -188,6 +199,8 @@ class ExperimentConfig:
                 raise ConfigError(f"overrides.{name}.objective.target: fixed by the row; pick the row instead")
             if "soft" in over.distill:
                 raise ConfigError(f"overrides.{name}.distill.soft: fixed by the row (nar_direct: false, student_skd: true)")
+            if "seed" in over.model_config:
+                raise ConfigError(f"overrides.{name}.model_config.seed: set to each run's seed (use seeds)")
         if self.latency_requests < 1:
             raise ConfigError(f"latency_requests: must be >= 1, got {self.latency_requests}")
 
@@ -229,13 +242,18 @@ def train_config(cfg: ExperimentConfig, row: str, seed: int) -> TrainConfig:
     objective = merge_dicts(to_dict(cfg.objective), over.objective)
     if spec.target is not None:
         objective["target"] = spec.target
+    model_config = _model_config(cfg, spec.registry, over.model_config)
+    if "seed" in default_config(spec.registry).__dataclass_fields__:
+        # A model with its own random seed (the tree rankers) must get the run's, or every
+        # seed of the row trains the same model and its std over seeds is 0 by accident.
+        model_config["seed"] = seed
     return TrainConfig(
         seed=seed,
         model=spec.registry,
         data=cfg.data,
         optim=_optim(cfg, over.optim),
         objective=from_dict(GeneratorObjectiveConfig, objective, where=f"overrides.{row}.objective"),
-        model_config=_model_config(cfg, spec.registry, over.model_config),
+        model_config=model_config,
     )
 
 
@@ -286,27 +304,6 @@ def check_experiment(cfg: ExperimentConfig) -> list[str]:
         else:
             train_config(cfg, row, cfg.seeds[0])
     return rows
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _query_blocks(lines: list[str], path: Path) -> list[list[str]]:
-    """SVMlight lines grouped by query, in file order (each query's lines are contiguous)."""
-    blocks: list[list[str]] = []
-    last = None
-    for lineno, line in enumerate(lines, start=1):
-        body = line.split("#", 1)[0].split()
-        if not body:
-            continue
-        qid = next((tok for tok in body[1:2] if tok.startswith("qid:")), None)
-        if qid is None:
-            raise DataError(f"{path}:{lineno}: expected '<label> qid:<id> ...'")
-        if qid != last:
-            blocks.append([])
-            last = qid
-        blocks[-1].append(line)
-    return blocks
 
 
 # --------------------------------------------------------------------------- running
@@ -479,6 +476,50 @@ def measure_latency(
     }
 
 
+def tree_comparison(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The best of the tree rows present and the distilled student measured against it.
+
+    The figure is NDCG@10 where the data has real labels (LETOR/MSLR grades, MIND clicks),
+    else normalized utility (the simulated world). "Within one std or above" means
+    `student_skd >= best - margin`, the margin being the larger of the two rows' std over
+    seeds (0 with one seed). None without a tree row that has the figure."""
+    by = {r["model"]: r for r in rows}
+    trees = [by[t] for t in TREE_ROWS if t in by]
+    key = next((k for k in ("ndcg@10", "normalized_utility") if any(r.get(k) is not None for r in trees)), None)
+    if key is None:
+        return None
+    scored = [r for r in trees if r.get(key) is not None]
+    best = max(scored, key=lambda r: r[key])  # a tie keeps TREE_ROWS order
+    out: dict[str, Any] = {
+        "key": key, "row": best["model"], "mean": best[key], "std": best.get(f"{key}_std"),
+        "others": {r["model"]: r[key] for r in scored if r is not best},
+    }
+    student = by.get("student_skd", {})
+    if student.get(key) is not None:
+        margin = max((v for v in (out["std"], student.get(f"{key}_std")) if v is not None), default=0.0)
+        out.update(
+            student_skd=student[key], student_skd_std=student.get(f"{key}_std"), margin=margin,
+            student_within_one_std_or_above=bool(student[key] >= best[key] - margin),
+        )
+    return out
+
+
+def _tree_notes(tree: Mapping[str, Any] | None) -> list[str]:
+    if tree is None:
+        return []
+    key = tree["key"]
+    spread = f" ± {tree['std']:.4f}" if tree["std"] is not None else ""
+    others = ", ".join(f"{row} {v:.4f}" for row, v in tree["others"].items())
+    notes = [f"Best tree row by {key}: {tree['row']} {tree['mean']:.4f}{spread}" + (f" ({others})." if others else ".")]
+    if "student_skd" in tree:
+        notes.append(
+            f"student_skd vs the best tree row ({tree['row']}) on {key}: {tree['student_skd']:.4f} vs "
+            f"{tree['mean']:.4f}, margin {tree['margin']:.4f} (the larger std over seeds); within one std or above: "
+            + ("yes." if tree["student_within_one_std_or_above"] else "no.")
+        )
+    return notes
+
+
 def _notes(rows: Sequence[Mapping[str, Any]], latency: Mapping[str, Any] | None) -> list[str]:
     """Derived comparisons quoted under the table (computed from the rows, never typed in)."""
     by = {r["model"]: r for r in rows}
@@ -499,7 +540,7 @@ def _notes(rows: Sequence[Mapping[str, Any]], latency: Mapping[str, Any] | None)
     cs, cn = by.get("student_skd", {}).get("collapse_rate"), by.get("nar_no_kd", {}).get("collapse_rate")
     if cs is not None and cn is not None:
         notes.append(f"Collapse rate: student_skd {cs:.3f} vs nar_no_kd {cn:.3f}.")
-    return notes
+    return notes + _tree_notes(tree_comparison(rows))
 
 
 def default_command(out: Path, config_path: str | Path | None) -> str:
@@ -556,6 +597,7 @@ def run_offline_experiment(
         config=to_dict(cfg),
         rows_run=rows,
         latency=latency,
+        best_tree=tree_comparison(summary_rows),
         per_seed={row: runs for row, runs in per_seed.items()},
     )
     _write_summary(out / "summary.json", summary)
