@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,7 @@ MSLR = data_root() / "mslr_sample"
 SMALL = """\
 # a comment line, then a blank line
 
-2 qid:7 1:0.5 3:1.5 # docid = A
+2 qid:7 1:0.5 3:1.5 # a comment without a docid
 0 qid:7 2:2.0
 1 qid:7 1:1.0 2:1.0 3:0.5
 0 qid:9 3:4.0
@@ -61,7 +62,7 @@ def test_parse_group_pad_and_labels(tmp_path):
     torch.testing.assert_close(b.candidates, expected)
     assert b.labels[..., 0].tolist() == [[2, 0, 1], [0, 1, 0]]
     assert b.label_names == ("relevance",)
-    # unknown width 3: upstream is file order, item ids are positions (not every line has a docid)
+    # unknown width 3: upstream is file order, item ids are positions (no line has a docid)
     assert b.upstream_score[0].tolist() == [0, -1, -2]
     assert b.item_ids[1, :2].tolist() == [0, 1]
     torch.testing.assert_close(b.context[1], torch.tensor([np.log1p(2), -0.5, 0.5], dtype=torch.float32))
@@ -157,8 +158,8 @@ MALFORMED = [
     ("1 qid:1 0:1", "feature id 0 < 1"),
     ("1 qid:1 -3:1", "feature id -3 < 1"),
     ("1 qid:1 2:x", "bad feature value in '2:x'"),
-    ("1 qid:1 100001:1", "feature id 100001 > 100,000"),
-    ("1 qid:1 99999999999999999999999:1", "> 100,000"),
+    ("1 qid:1 100001:1", "feature id 100001 needs a dense width of 100,001 > letor.max_features=4,096"),
+    ("1 qid:1 99999999999999999999999:1", "> letor.max_features=4,096"),
     ("1 qid:1 2:nan", "non-finite"),
     ("1 qid:1 2:-inf", "non-finite"),
     ("1 qid:1 2:1e40", "beyond float32"),
@@ -173,6 +174,70 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
         load_svmlight(p, raw(upstream_feature=1))
     text = str(info.value)
     assert f"{p}:4:" in text and message in text and "\n" not in text
+
+
+def _dense_lines(num: int, width: int, docids: bool) -> list[str]:
+    comment = lambda i: f" #docid = GX{i:03d} inc = 1" if docids else ""  # noqa: E731
+    return [f"{i % 3} qid:{i // 4} " + " ".join(f"{j}:{(i * j) % 7 / 7:.3f}" for j in range(1, width + 1)) + comment(i)
+            for i in range(num)]
+
+
+@pytest.mark.parametrize("docids", [True, False])  # LETOR 4.0 has docid comments, MSLR has none
+def test_line_cut_short_names_its_line(tmp_path, docids):
+    lines = _dense_lines(12, 46, docids)
+    lines[-1] = lines[-1].split(" 21:")[0]  # the file ends at a token boundary: 20 features, no comment
+    p = write(tmp_path, "\n".join(lines) + "\n", "cut.txt")
+    with pytest.raises(DataError) as info:
+        load_svmlight(p)
+    text = str(info.value)
+    assert f"{p}:12: 20 features where 11 of the file's 12 lines have 46" in text and "allow_short_lines" in text
+    assert "\n" not in text
+    # a file that really leaves features out says so; the cut line then reads as zeros
+    b = load_svmlight(p, SvmlightOptions(allow_short_lines=True, item_ids="position"))
+    assert b.candidates.shape[-1] == 46 and int(b.num_valid.sum()) == 12
+
+
+def test_line_cut_before_its_docid_names_its_line(tmp_path):
+    lines = _dense_lines(12, 46, docids=True)
+    lines[6] = lines[6].split(" #")[0]  # every feature, but the comment is gone
+    p = write(tmp_path, "\n".join(lines) + "\n", "cut.txt")
+    with pytest.raises(DataError, match=rf"cut\.txt:7: no '# docid = \.\.\.' comment while 11 of the 12 lines have one"):
+        load_svmlight(p)
+    b = load_svmlight(p, SvmlightOptions(item_ids="position"))
+    assert b.item_ids[1].tolist() == [0, 1, 2, 3]
+
+
+def test_sparse_files_keep_loading(tmp_path):
+    # Yahoo-style sparse lines (absent features are 0) vary in length far more than cut lines
+    lines = [f"{i % 2} qid:{i // 5} " + " ".join(f"{j}:1" for j in range(1, 30) if (i + j) % (2 + i % 4)) for i in range(40)]
+    b = load_svmlight(write(tmp_path, "\n".join(lines) + "\n"), raw(upstream_feature=1))
+    assert b.batch_size == 8 and b.candidate_dim == 29
+
+
+def test_huge_feature_id_is_refused_before_allocating(tmp_path):
+    lines = _dense_lines(300, 46, docids=False)
+    lines[150] += " 99999:1"
+    p = write(tmp_path, "\n".join(lines) + "\n", "wide.txt")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            load_svmlight(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    text = str(info.value)
+    assert text.startswith(f"{p}:151: feature id 99999 needs a dense width of 99,999 > letor.max_features=4,096")
+    assert "300 lines x 99,999 features x 4 bytes = 0.112 GiB" in text and "\n" not in text
+    # the dense [300, 99999] float32 array alone would be 114 MiB; parsing needs a few MiB
+    assert peak < 20 * 2**20, peak
+    narrow = write(tmp_path, "1 qid:1 1:1 9:1\n0 qid:1 1:2 9:3\n", "narrow.txt")
+    assert load_svmlight(narrow, raw(upstream_feature=1, max_features=9)).candidate_dim == 9
+    with pytest.raises(DataError, match=r"narrow\.txt:1: feature id 9 needs a dense width of 9 > letor.max_features=8"):
+        load_svmlight(narrow, raw(upstream_feature=1, max_features=8))
+    # num_features is the width, and the bound, when given
+    assert load_svmlight(narrow, raw(upstream_feature=1, num_features=5000)).candidate_dim == 5000
+    with pytest.raises(ConfigError, match="letor.max_features: must be >= 1"):
+        SvmlightOptions(max_features=0)
 
 
 def test_qid_must_be_one_block(tmp_path):
@@ -267,7 +332,7 @@ def test_train_test_file_pair_holds_out_validation_queries(tmp_path):
     write(tiny, "1 qid:1 1:1\n0 qid:1 1:2\n", "a_train.txt")
     write(tiny, "1 qid:2 1:1\n0 qid:2 1:2\n", "a_test.txt")
     with pytest.raises(DataError, match="too few"):
-        load_letor_folds(tiny, 1)
+        load_letor_folds(tiny, 1, raw(upstream_feature=1))
 
 
 # ---------------------------------------------------------------------------- real data

@@ -20,6 +20,14 @@ Choices (all in `SvmlightOptions`, documented in docs/data.md):
 - A qid must occupy one block of consecutive lines in a file; a qid that comes back later
   in the same file is a `DataError`. Across the files of a folder, a query repeated
   identically is kept once and a conflicting repeat is a `DataError`.
+- Features are stored densely: a feature id beyond `max_features` (4096; or beyond
+  `num_features` when set) is refused while parsing, before any `[lines x width]` array
+  exists, with the size it would have needed.
+- In a dense file (at least 90% of lines list the same, largest number of features) a
+  shorter line is an error: a file cut at a token boundary would otherwise load its last
+  line with zeros. `allow_short_lines` accepts such lines. Likewise, with `item_ids:
+  auto`, lines without a docid among lines with one are an error, not a silent switch of
+  the whole set to positions.
 Every malformed line raises `DataError` naming the file and the line number.
 """
 
@@ -63,8 +71,9 @@ _BODY = re.compile(r"(\S+)\s+qid:(\S+)((?:\s+[^\s:]+:[^\s:]+)*)\s*")
 _PAIR = re.compile(r"[^\s:]+:[^\s:]+")
 _DOCID = re.compile(r"docid\s*=\s*(\S+)")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Features become dense columns; a larger id is a typo or a sparse text set this reader is not for.
-MAX_FEATURE_ID = 100_000
+# A file where at most this share of lines list fewer features than the others is dense
+# with a few lines cut short; sparse files (Yahoo LTR) vary far more from line to line.
+SHORT_LINE_SHARE = 0.1
 _FORMAT = "expected '<label> qid:<id> <fid>:<value> ... [# comment]'"
 
 
@@ -85,6 +94,12 @@ class SvmlightOptions:
                            "query's block; 'auto': docid when every line has one", choices=("auto", "docid", "position"))
     max_candidates: int | None = option(None, "keep at most this many documents per query, the top ones by "
                                         "upstream score (a first-stage cut); None keeps all")
+    max_features: int = option(4096, "largest dense feature width read from the files (features are stored densely, "
+                               "lines x width x 4 bytes); a larger feature id is an error naming its line. "
+                               "num_features, when set, is the bound instead")
+    allow_short_lines: bool = option(False, "accept lines listing fewer features than the file's other lines (absent "
+                                     "= 0); by default, in a file where at least 90% of lines list the same, largest "
+                                     "number of features, a shorter line is an error (a line cut short)")
 
     def __post_init__(self) -> None:
         if isinstance(self.upstream_feature, str):
@@ -100,6 +115,14 @@ class SvmlightOptions:
             raise ConfigError(f"letor.item_ids: {self.item_ids!r} is not one of ['auto', 'docid', 'position']")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise ConfigError(f"letor.max_candidates: must be >= 1, got {self.max_candidates}")
+        if self.max_features < 1:
+            raise ConfigError(f"letor.max_features: must be >= 1, got {self.max_features}")
+
+    def width_bound(self) -> tuple[int, str]:
+        """(the most dense columns a file may need, the option that sets it)."""
+        if self.num_features is not None:
+            return self.num_features, "num_features"
+        return self.max_features, "max_features"
 
 
 @dataclass
@@ -127,9 +150,24 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
-def _diagnose(path: Path, lineno: int, body: str, zero_based: bool) -> DataError | None:
+def _too_wide(where: str, fid: int, options: SvmlightOptions, n_lines: int) -> DataError:
+    """A feature id beyond the dense width the options allow, said before anything is allocated."""
+    bound, name = options.width_bound()
+    if name == "num_features":
+        return DataError(f"{where}: feature id {fid} beyond num_features={bound}")
+    width = fid + (1 if options.zero_based else 0)
+    gib = n_lines * width * 4 / 2**30
+    return DataError(
+        f"{where}: feature id {fid} needs a dense width of {width:,} > letor.max_features={bound:,} "
+        f"({n_lines:,} lines x {width:,} features x 4 bytes = {gib:.3g} GiB for this file alone); "
+        "raise letor.max_features if the file really has that many features"
+    )
+
+
+def _diagnose(path: Path, lineno: int, body: str, options: SvmlightOptions, n_lines: int) -> DataError | None:
     """The precise complaint about one line, or None when the line is well formed."""
     where = f"{path}:{lineno}"
+    zero_based = options.zero_based
     tokens = body.split()
     try:
         label = float(tokens[0])
@@ -152,8 +190,8 @@ def _diagnose(path: Path, lineno: int, body: str, zero_based: bool) -> DataError
         if fid < (0 if zero_based else 1):
             return DataError(f"{where}: feature id {fid} < {0 if zero_based else 1} in {tok!r}"
                              + ("" if zero_based else " (set zero_based for 0-based files)"))
-        if fid > MAX_FEATURE_ID:
-            return DataError(f"{where}: feature id {fid} > {MAX_FEATURE_ID:,} in {tok!r}: features are stored densely")
+        if fid - (0 if zero_based else 1) >= options.width_bound()[0]:
+            return _too_wide(where, fid, options, n_lines)
         try:
             value = float(val_s)
         except ValueError:
@@ -165,8 +203,9 @@ def _diagnose(path: Path, lineno: int, body: str, zero_based: bool) -> DataError
     return None
 
 
-def _parse_file(path: Path, zero_based: bool) -> _FileRows:
+def _parse_file(path: Path, options: SvmlightOptions) -> _FileRows:
     """Parse one file. The per-line work is one regex match; numbers convert in bulk."""
+    zero_based = options.zero_based
     text = _read_text(path)
     labels_s: list[str] = []
     qids: list[str] = []
@@ -181,7 +220,7 @@ def _parse_file(path: Path, zero_based: bool) -> _FileRows:
             continue
         m = _BODY.fullmatch(body)
         if m is None:
-            raise _diagnose(path, lineno, body, zero_based) or DataError(f"{path}:{lineno}: malformed line, {_FORMAT}")
+            raise _diagnose(path, lineno, body, options, 1) or DataError(f"{path}:{lineno}: malformed line, {_FORMAT}")
         label_s, qid, pairs = m.groups()
         labels_s.append(label_s)
         qids.append(qid)
@@ -196,12 +235,12 @@ def _parse_file(path: Path, zero_based: bool) -> _FileRows:
 
     def fail_first(bad_rows: np.ndarray) -> DataError:
         r = int(bad_rows[0])
-        return _diagnose(path, lines[r], bodies[r], zero_based) or DataError(f"{path}:{lines[r]}: malformed line")
+        return _diagnose(path, lines[r], bodies[r], options, len(lines)) or DataError(f"{path}:{lines[r]}: malformed line")
 
     try:
         labels = np.asarray(labels_s, dtype=np.float64)
     except ValueError:
-        raise _first_failing(path, lines, bodies, zero_based) from None
+        raise _first_failing(path, lines, bodies, options) from None
     bad = ~np.isfinite(labels)
     if bad.any():
         raise fail_first(np.flatnonzero(bad))
@@ -212,18 +251,39 @@ def _parse_file(path: Path, zero_based: bool) -> _FileRows:
         fids = np.asarray(tokens[0::2], dtype=np.int64) if tokens else np.zeros(0, np.int64)
         values = np.asarray(tokens[1::2], dtype=np.float64) if tokens else np.zeros(0, np.float64)
     except (ValueError, OverflowError):
-        raise _first_failing(path, lines, bodies, zero_based) from None
+        raise _first_failing(path, lines, bodies, options) from None
     pair_row = np.repeat(np.arange(len(lines), dtype=np.int64), counts)
-    bad = (fids < (0 if zero_based else 1)) | (fids > MAX_FEATURE_ID) | ~(np.abs(values) <= _FLOAT32_MAX)
+    shift = 0 if zero_based else 1
+    # The width bound is checked here, before any [lines x width] array exists.
+    bad = (fids < shift) | (fids - shift >= options.width_bound()[0]) | ~(np.abs(values) <= _FLOAT32_MAX)
     if bad.any():
         raise fail_first(pair_row[bad])
+    if not options.allow_short_lines:
+        _check_short_lines(path, counts, line_arr)
     return _FileRows(path, labels, np.asarray(qids), docids, line_arr, pair_row, fids, values)
 
 
-def _first_failing(path: Path, lines: list[int], bodies: list[str], zero_based: bool) -> DataError:
+def _check_short_lines(path: Path, counts: np.ndarray, lines: np.ndarray) -> None:
+    """Refuse a line listing fewer features than a dense file's other lines.
+
+    A file cut at a token boundary ends in a well-formed line without its trailing
+    features (and docid comment); read as sparse, it would load with zeros in their place.
+    """
+    full = int(counts.max())
+    short = counts < full
+    if short.any() and short.mean() <= SHORT_LINE_SHARE:
+        r = int(np.flatnonzero(short)[0])
+        raise DataError(
+            f"{path}:{int(lines[r])}: {int(counts[r])} features where {int((~short).sum()):,} of the file's "
+            f"{len(counts):,} lines have {full}: the line looks cut short; set letor.allow_short_lines: true "
+            "if the file leaves out features (absent = 0)"
+        )
+
+
+def _first_failing(path: Path, lines: list[int], bodies: list[str], options: SvmlightOptions) -> DataError:
     """Slow path after a bulk conversion failed: find the first line at fault."""
     for lineno, body in zip(lines, bodies):
-        err = _diagnose(path, lineno, body, zero_based)
+        err = _diagnose(path, lineno, body, options, len(lines))
         if err is not None:
             return err
     return DataError(f"{path}: malformed numbers, {_FORMAT}")
@@ -253,16 +313,10 @@ def svmlight_files(path: str | Path) -> list[Path]:
 
 
 def _width(parsed: Sequence[_FileRows], options: SvmlightOptions) -> int:
+    """Dense width: num_features, else the largest feature id (parsing kept both within bounds)."""
     shift = 0 if options.zero_based else 1
     if options.num_features is not None:
-        d = options.num_features
-        for f in parsed:
-            bad = f.fids - shift >= d
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{f.path}:{int(f.lines[f.pair_row[i]])}: feature id {int(f.fids[i])} "
-                                f"beyond num_features={d}")
-        return d
+        return options.num_features
     d = max((int(f.fids.max()) - shift + 1 for f in parsed if len(f.fids)), default=0)
     if d == 0:
         raise DataError(f"{parsed[0].path}: no feature values in the file(s)")
@@ -421,7 +475,15 @@ def _item_ids(options, docids, idx, pos, b, parsed, file_of, lines) -> np.ndarra
     mode = options.item_ids
     kept_docids = [docids[i] for i in idx]
     if mode == "auto":
-        mode = "docid" if all(x is not None for x in kept_docids) else "position"
+        missing = [r for r, x in enumerate(docids) if x is None]
+        if missing and len(missing) < len(docids):
+            # Some lines name their document and some do not: a line cut before its comment
+            # would otherwise turn every id of the set into a position.
+            r = missing[0]
+            raise DataError(f"{parsed[file_of[r]].path}:{int(lines[r])}: no '# docid = ...' comment while "
+                            f"{len(docids) - len(missing):,} of the {len(docids):,} lines have one (a line cut short?); "
+                            "set letor.item_ids: position to number documents by position")
+        mode = "position" if missing else "docid"
     if mode == "position":
         return pos[idx]
     missing = [k for k, x in enumerate(kept_docids) if x is None]
@@ -474,7 +536,7 @@ def load_svmlight(path: str | Path | Sequence[str | Path], options: SvmlightOpti
         for p in paths:
             if not p.is_file():
                 raise DataError(f"{p}: no such file")
-    parsed = [_parse_file(p, options.zero_based) for p in paths]
+    parsed = [_parse_file(p, options) for p in paths]
     return _assemble(parsed, options, _width(parsed, options))
 
 
@@ -515,7 +577,7 @@ def load_letor_folds(root: str | Path, fold: int, options: SvmlightOptions | Non
     for ps in split_files.values():
         for p in ps:
             if p not in cache:
-                cache[p] = _parse_file(p, options.zero_based)
+                cache[p] = _parse_file(p, options)
     d = _width(list(cache.values()), options)
     out = {k: _assemble([cache[p] for p in ps], options, d) for k, ps in split_files.items()}
     if "vali" not in out:
