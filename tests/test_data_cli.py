@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from dualrerank.cli import main
+from dualrerank.data.synthetic import generate_logs, load_logs, load_synthetic, load_world_config, save_logs, simulate_logs
+from dualrerank.errors import ConfigError, DataError
 from dualrerank.data.stats import dataset_stats, format_stats, value_counts
 from dualrerank.schema import RerankBatch
+from dualrerank.sim import World
 
 
 def data_root() -> Path:
@@ -101,6 +104,74 @@ def test_inspect_synthetic(capsys):
     assert json.loads(out)["num_lists"] == 8
 
 
+@pytest.fixture(scope="module")
+def logs_folder(tmp_path_factory) -> Path:
+    """30 logged requests with pages of 4, as `dualrerank simulate --out` writes them."""
+    out = tmp_path_factory.mktemp("logs") / "run"
+    save_logs(simulate_logs(World(), 30, 3, 4), out)
+    return out
+
+
+def _one_line_error(capsys, *argv: str) -> str:
+    code, out, err = run(capsys, "data", "inspect", *argv)
+    assert code == 2 and out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_synthetic_path_that_is_not_a_world_says_what_it_is(capsys, svm_file, tmp_path):
+    expected = "a world YAML"
+    err = _one_line_error(capsys, "--source", "synthetic", "--path", str(svm_file))
+    assert f"{svm_file} is an SVMlight/LETOR ranking file (line 1" in err and "--source letor" in err
+    assert expected in err and "simulate --out" in err and "not valid YAML" not in err
+    tsv = tmp_path / "behaviors.tsv"
+    tsv.write_text("1\tU1\t11/11/2019 9:05:00 AM\tN1\tN3-1 N4-0\n")
+    err = _one_line_error(capsys, "--source", "synthetic", "--path", str(tsv))
+    assert "looks like a MIND behaviors.tsv" in err and "--source mind" in err and expected in err
+    err = _one_line_error(capsys, "--source", "synthetic", "--path", str(tmp_path))
+    assert f"{tmp_path} is a folder without meta.json" in err and "MIND impressions" in err and expected in err
+    letor_dir = tmp_path / "letor"
+    letor_dir.mkdir()
+    (letor_dir / "S1.txt").write_text(SVM)
+    err = _one_line_error(capsys, "--source", "synthetic", "--path", str(letor_dir))
+    assert "SVMlight ranking files" in err and "--source letor" in err
+    for text, what in (("seed: [1\n", "not valid YAML at line 2"), ("- 1\n- 2\n", "its top level is a list")):
+        junk = tmp_path / "junk.yaml"
+        junk.write_text(text)
+        err = _one_line_error(capsys, "--source", "synthetic", "--path", str(junk))
+        assert f"{junk} is not a world YAML ({what}" in err and expected in err
+    # a world YAML with a typo still gets the config loader's own message
+    junk.write_text("response:\n  redundnacy: 1\n")
+    assert "unknown key" in _one_line_error(capsys, "--source", "synthetic", "--path", str(junk))
+
+
+def test_synthetic_logs_folder_honours_num_requests(capsys, logs_folder):
+    def lists(*extra: str) -> int:
+        code, out, _ = run(capsys, "data", "inspect", "--source", "synthetic", "--path", str(logs_folder), "--json", *extra)
+        assert code == 0
+        return json.loads(out)["num_lists"]
+
+    assert lists() == 30  # no count asked for: all logged requests
+    assert lists("--num-requests", "12") == 12
+    err = _one_line_error(capsys, "--source", "synthetic", "--path", str(logs_folder), "--num-requests", "31")
+    assert "holds 30 logged requests but num_requests=31" in err and "simulate --requests 31" in err
+
+
+def test_load_logs_takes_the_first_requests_or_refuses(logs_folder):
+    full = load_logs(logs_folder)
+    first = load_logs(logs_folder, 10, page_length=4)
+    assert first.batch_size == 10 and torch.equal(first.candidates, full.candidates[:10])
+    assert torch.equal(first.logged_feedback, full.logged_feedback[:10])
+    assert torch.equal(load_synthetic(logs_folder, num_requests=10).candidates, first.candidates)
+    with pytest.raises(DataError, match=r"holds 30 logged requests but data\.train_requests=8,000"):
+        load_logs(logs_folder, 8000, option="data.train_requests")
+    with pytest.raises(DataError, match="have 4 positions but page_length=10"):
+        load_logs(logs_folder, 10, page_length=10)
+    with pytest.raises(ConfigError, match="num_requests: must be a positive integer"):
+        load_logs(logs_folder, 0)
+
+
 def test_data_without_action_prints_help(capsys):
     code, out, _ = run(capsys, "data")
     assert code == 2 and "inspect" in out
@@ -143,3 +214,11 @@ def test_value_counts_summarises_continuous_values():
     assert "50 distinct values" in format_stats({**dataset_stats(RerankBatch(
         candidates=torch.zeros(1, 50, 1), candidate_mask=torch.ones(1, 50, dtype=torch.bool),
         context=torch.zeros(1, 1), labels=x.view(1, 50, 1)))})
+
+
+def test_world_config_reader_says_what_a_file_is(svm_file):
+    with pytest.raises(ConfigError, match=r"is an SVMlight/LETOR ranking file \(line 1"):
+        load_world_config(svm_file)
+    with pytest.raises(ConfigError, match=r"is an SVMlight/LETOR ranking file \(line 1"):
+        generate_logs(svm_file, 5, 0)
+    assert load_world_config(Path(__file__).resolve().parents[1] / "configs" / "control.yaml").response.redundancy == 0

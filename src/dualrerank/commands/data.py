@@ -32,8 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data source (default: the config's, else synthetic)")
     p.add_argument("--path", default=None,
                    help="file or folder: an SVMlight file or a folder of S*.txt / *.txt (letor), a folder "
-                        "with behaviors.tsv and news.tsv (mind); required for letor and mind")
-    p.add_argument("--num-requests", type=int, default=None, help="requests to generate (synthetic)")
+                        "with behaviors.tsv and news.tsv (mind), a world YAML or a `simulate --out` folder "
+                        "(synthetic); required for letor and mind")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="synthetic: requests to generate (default 1000), or the first N of a `simulate --out` folder "
+                        "(default all of them)")
     p.add_argument("--fold", type=int, default=None,
                    help="letor only: report train/vali/test of this fold (1-5) instead of the whole set")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -49,7 +49,7 @@ def _load_mind(path: str | Path | None = None, **kw: Any):
     return load_mind(_required(path, "mind"), _options(MindOptions, kw, "mind"))
 
 
-def _load_synthetic(path: str | Path | None = None, seed: int = 0, num_requests: int = 1000, **kw: Any):
+def _load_synthetic(path: str | Path | None = None, seed: int = 0, num_requests: int | None = None, **kw: Any):
     if kw:
         raise ConfigError(f"synthetic: unknown option(s) {sorted(kw)}; known: ['num_requests', 'seed']")
     from dualrerank.data.synthetic import load_synthetic
@@ -97,9 +97,14 @@ class DataConfig:
     """Which data to load and how (the `data:` part of a YAML config)."""
 
     source: str = option("synthetic", "data source", choices=tuple(SOURCES))
-    path: str | None = option(None, "file or folder to read (required for letor and mind)")
+    path: str | None = option(None, "file or folder to read (required for letor and mind; synthetic: a world YAML "
+                                    "or a `simulate --out` folder, default the default world)")
     seed: int = option(0, "seed for the synthetic source")
-    num_requests: int = option(1000, "number of requests of the synthetic source")
+    num_requests: int | None = option(
+        None,
+        "synthetic: requests to generate (default 1000), or the first N logged requests of a `simulate --out` "
+        "folder (default all; more than it holds is an error)",
+    )
     letor: SvmlightOptions = option(help="options of the SVMlight/LETOR reader", factory=SvmlightOptions)
     mind: MindOptions = option(help="options of the MIND reader", factory=MindOptions)
 

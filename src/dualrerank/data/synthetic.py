@@ -27,10 +27,12 @@ renamed, so a crash never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -53,10 +55,15 @@ __all__ = [
     "load_logged_state",
     "load_logged_reformulate",
     "load_world",
+    "load_world_config",
     "LOG_FORMAT",
 ]
 
 LOG_FORMAT = "dualrerank-synthetic-logs/1"
+DEFAULT_REQUESTS = 1000  # requests the synthetic source generates when not told how many
+EXPECTED = ("the synthetic source takes a world YAML (keys: `dualrerank simulate --help`, e.g. configs/synthetic.yaml) "
+            "or a folder written by `dualrerank simulate --out`")
+_SVMLIGHT_LINE = re.compile(r"\S+\s+qid:\S+")
 _BATCH_TENSORS = ("candidates", "candidate_mask", "context", "labels", "item_ids", "logged_page", "logged_page_mask",
                   "logged_feedback", "propensity", "upstream_score")
 
@@ -83,7 +90,17 @@ class SyntheticLogs:
 def _world_from(config: WorldConfig | str | Path | None) -> World:
     if config is None or isinstance(config, WorldConfig):
         return World(config)
-    return World(load_config(WorldConfig, config))
+    return World(load_world_config(config))
+
+
+def load_world_config(path: str | Path) -> WorldConfig:
+    """The `WorldConfig` of a world YAML. A file that is not one (a LETOR/MSLR file, a MIND
+    behaviors.tsv, a YAML list) is a one-line `ConfigError` that says what it is and what a
+    synthetic path may be, rather than the YAML parser's complaint."""
+    p = Path(path)
+    if p.is_file():
+        _check_world_yaml(p)
+    return load_config(WorldConfig, p)
 
 
 def simulate_logs(world: World, num_requests: int, seed: int, page_length: int | None = None) -> SyntheticLogs:
@@ -121,16 +138,64 @@ def generate_logs(config: WorldConfig | str | Path | None, num_requests: int, se
     return simulate_logs(_world_from(config), num_requests, seed, L).batch
 
 
-def load_synthetic(path: str | Path | None = None, seed: int = 0, num_requests: int = 1000) -> RerankBatch:
-    """The synthetic data source: logs of the world in YAML `path` (None = default world),
-    or, when `path` is a folder written by `save_logs` / `dualrerank simulate --out`, its
-    logs (the first `num_requests` of them)."""
-    if path is not None and Path(path).is_dir():
-        batch = load_logs(path)
-        return batch.select(slice(0, num_requests)) if num_requests < batch.batch_size else batch
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"synthetic: {path} is neither a world config file nor a logs folder")
-    return generate_logs(path, num_requests, seed)
+def load_synthetic(path: str | Path | None = None, seed: int = 0, num_requests: int | None = None) -> RerankBatch:
+    """The synthetic data source.
+
+    Args:
+        path: None for the default world, a world YAML, or a folder written by `save_logs`
+            / `dualrerank simulate --out`.
+        seed: draws the requests, pages and feedback of a generated world (not of a folder).
+        num_requests: requests to generate (default `DEFAULT_REQUESTS`), or the first
+            `num_requests` logged requests of a folder (default all of them; asking for more
+            than it holds is a `DataError`, never a silently smaller batch).
+    """
+    if path is None:
+        return generate_logs(None, DEFAULT_REQUESTS if num_requests is None else num_requests, seed)
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "meta.json").is_file():
+            raise DataError(f"synthetic: {p} is a folder without meta.json{_looks_like(p)}; {EXPECTED}")
+        return load_logs(p, num_requests)
+    if not p.is_file():
+        raise ConfigError(f"synthetic: {p} is neither a world config file nor a logs folder; {EXPECTED}")
+    return generate_logs(p, DEFAULT_REQUESTS if num_requests is None else num_requests, seed)
+
+
+def _looks_like(folder: Path) -> str:
+    """What a folder that is not a logs folder seems to hold, for the error message."""
+    names = {q.name for q in folder.iterdir()}
+    if "behaviors.tsv" in names:
+        return " (it holds behaviors.tsv: MIND impressions, read with --source mind)"
+    if any(re.fullmatch(r"S\d+\.txt|Fold\d+|.*\.(svm|svmlight|libsvm)|.*(train|test|vali).*\.txt", n) for n in names):
+        return " (it holds SVMlight ranking files: read them with --source letor)"
+    return ""
+
+
+def _check_world_yaml(path: Path) -> None:
+    """Refuse, in one line that says what `path` is, a file that is not a world YAML
+    (a LETOR/MSLR file or a MIND behaviors.tsv would otherwise fail as 'not valid YAML')."""
+    with path.open("rb") as fh:
+        head = fh.read(1 << 16).decode("utf-8", errors="replace")
+    for lineno, line in enumerate(head.splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if _SVMLIGHT_LINE.match(text):
+            raise ConfigError(f"synthetic: {path} is an SVMlight/LETOR ranking file (line {lineno}: '<label> qid:...'), "
+                              f"not a world; read it with --source letor; {EXPECTED}")
+        if line.count("\t") == 4:
+            raise ConfigError(f"synthetic: {path} looks like a MIND behaviors.tsv (line {lineno} has 5 tab-separated "
+                              f"fields), not a world; read it with --source mind; {EXPECTED}")
+        break
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"synthetic: {path} is not a world YAML (not valid YAML{at}); {EXPECTED}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"synthetic: {path} is not a world YAML (its top level is a {type(loaded).__name__}, "
+                          f"not a mapping of world keys); {EXPECTED}")
 
 
 # ---------------------------------------------------------------------------- storage
@@ -190,10 +255,24 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"logs: {path} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
-def load_logs(directory: str | Path) -> RerankBatch:
-    """The validated logged `RerankBatch` saved by `save_logs` in `directory`."""
+def load_logs(
+    directory: str | Path,
+    num_requests: int | None = None,
+    *,
+    page_length: int | None = None,
+    option: str = "num_requests",
+) -> RerankBatch:
+    """The validated logged `RerankBatch` saved by `save_logs` in `directory`.
+
+    Args:
+        num_requests: keep the first `num_requests` logged requests (None: all). More than
+            the folder holds is a `DataError` naming `option` (the config key that asked).
+        page_length: when given, the logged pages must have this many positions.
+    """
     d = Path(directory)
     meta = _read_meta(d)
+    if num_requests is not None and (isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1):
+        raise ConfigError(f"{option}: must be a positive integer, got {num_requests!r}")
     tensors = _read_tensors(d / "logs.safetensors")
     missing = [name for name in ("candidates", "candidate_mask", "context") if name not in tensors]
     if missing:
@@ -201,11 +280,21 @@ def load_logs(directory: str | Path) -> RerankBatch:
     unknown = sorted(set(tensors) - set(_BATCH_TENSORS))
     if unknown:
         raise DataError(f"logs: {d / 'logs.safetensors'} has unknown tensors {unknown}")
-    return RerankBatch(
+    batch = RerankBatch(
         **tensors,
         label_names=tuple(meta.get("label_names", ())),
         feedback_names=tuple(meta.get("feedback_names", ())),
     ).validate()
+    if num_requests is not None and num_requests > batch.batch_size:
+        raise DataError(f"logs: {d} holds {batch.batch_size:,} logged requests but {option}={num_requests:,}; ask for at "
+                        f"most {batch.batch_size:,} or log more with `dualrerank simulate --requests {num_requests} --out DIR`")
+    logged_length = None if batch.logged_page is None else int(batch.logged_page.shape[1])
+    if page_length is not None and logged_length != page_length:
+        raise DataError(f"logs: the pages in {d} have {logged_length} positions but page_length={page_length}; "
+                        f"set page_length to {logged_length} or log pages of {page_length} with `dualrerank simulate --page-length`")
+    if num_requests is not None and num_requests < batch.batch_size:
+        batch = batch.select(slice(0, num_requests))
+    return batch
 
 
 def load_logged_reformulate(directory: str | Path) -> torch.Tensor:
