@@ -1,4 +1,4 @@
-"""`dualrerank data inspect` and dataset statistics."""
+"""`dualrerank data inspect`, dataset statistics, and what the synthetic source accepts as a path."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from dualrerank.cli import main
-from dualrerank.data.synthetic import generate_logs, load_logs, load_synthetic, load_world_config, save_logs, simulate_logs
-from dualrerank.errors import ConfigError, DataError
+from dualrerank.data.synthetic import (
+    generate_logs,
+    load_logs,
+    load_synthetic,
+    load_world,
+    load_world_config,
+    save_logs,
+    simulate_logs,
+)
 from dualrerank.data.stats import dataset_stats, format_stats, value_counts
+from dualrerank.errors import ConfigError, DataError
 from dualrerank.schema import RerankBatch
 from dualrerank.sim import World
 
@@ -222,3 +230,17 @@ def test_world_config_reader_says_what_a_file_is(svm_file):
     with pytest.raises(ConfigError, match=r"is an SVMlight/LETOR ranking file \(line 1"):
         generate_logs(svm_file, 5, 0)
     assert load_world_config(Path(__file__).resolve().parents[1] / "configs" / "control.yaml").response.redundancy == 0
+
+
+def test_logs_from_before_packaged_durations_say_how_to_rebuild_their_world(logs_folder, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(logs_folder, old)
+    meta = json.loads((old / "meta.json").read_text())
+    assert meta["duration_source"] == "packaged:kuairand_duration_quantiles.json"
+    meta["duration_source"] = "kuairand:video_features_basic_pure.csv"  # what a checkout beside the data wrote
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"world\.yaml now gives 'packaged:.*set catalogue\.durations there to kuairand:PATH"):
+        load_world(old)
+    assert load_world(logs_folder).catalogue.duration_source == "packaged:kuairand_duration_quantiles.json"

@@ -320,9 +320,13 @@ def load_world(directory: str | Path) -> World:
     d = Path(directory)
     meta = _read_meta(d)
     world = World(load_config(WorldConfig, d / "world.yaml"), step=int(meta.get("world_step", 0)))
-    if world.catalogue.duration_source != meta.get("duration_source"):
+    logged = meta.get("duration_source")
+    if world.catalogue.duration_source != logged:
+        # Folders written before durations became an explicit option say 'durations: auto'
+        # in world.yaml, and came from the shared KuaiRand file or the log-normal.
+        spec = "kuairand:PATH (KuaiRand's video_features_basic_pure.csv)" if str(logged).startswith("kuairand:") else logged
         raise DataError(
-            f"logs: the logs' durations came from {meta.get('duration_source')!r} but world.yaml now gives "
-            f"{world.catalogue.duration_source!r}; set catalogue.durations to the same source"
+            f"logs: the logs' durations came from {logged!r} but {d / 'world.yaml'} now gives "
+            f"{world.catalogue.duration_source!r}; set catalogue.durations there to {spec}"
         )
     return world

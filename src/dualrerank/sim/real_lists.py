@@ -10,7 +10,7 @@ needs is built from what the list has:
   similar features are similar topics, so they satiate each other;
 * category: the world's category whose centre is closest to the topic (a quantisation
   that does not depend on which batch the request is in);
-* duration: drawn from the world's durations (KuaiRand when available), seeded;
+* duration: drawn from the world's catalogue (by default KuaiRand-distributed), seeded;
 * quality and patience: 0.
 
 The world's own user model (`World.expected_utility`, `sample_feedback`, `oracle_pages`,
