@@ -1,5 +1,5 @@
-"""Load test of the HTTP service: a real `dualrerank serve` process on 127.0.0.1 (a free
-port), a fixed number of concurrent clients, a fixed duration and request cap; it stops
+"""Load test of the HTTP service: a real `dualrerank serve` process on 127.0.0.1 (`--port 0`:
+the server picks a free port and prints it), a fixed number of concurrent clients, a fixed duration and request cap; it stops
 by itself and stops the server.
 
     python benchmarks/serve_load.py --quick
@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_checkpoint(directory: Path, args: argparse.Namespace) -> Path:
@@ -51,26 +44,24 @@ def make_checkpoint(directory: Path, args: argparse.Namespace) -> Path:
     return save_serving_bundle(directory / "checkpoint", student)
 
 
-def start_server(checkpoint: Path, port: int, args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
+def start_server(checkpoint: Path, args: argparse.Namespace, log_path: Path, out_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dualrerank.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-           "--port", str(port), "--backend", args.backend, "--threads", str(args.threads), "--workers", str(args.workers)]
-    log = open(log_path, "w")
-    try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        log.close()  # the child keeps its own handle
+           "--port", "0", "--backend", args.backend, "--threads", str(args.threads), "--workers", str(args.workers)]
+    with open(log_path, "w") as log, open(out_path, "w") as out:  # the child keeps its own handles
+        return subprocess.Popen(cmd, stdout=out, stderr=log)
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> dict:
+def wait_serving(proc: subprocess.Popen, log_path: Path, out_path: Path, timeout: float = 90.0) -> str:
+    """The base URL from the server's `serving on URL` line (printed once it accepts connections)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        for line in out_path.read_text().splitlines():
+            if line.startswith("serving on "):
+                return line.removeprefix("serving on ").strip()
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1.0).json()
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise SystemExit(f"server did not answer /healthz within {timeout:.0f} s")
+        time.sleep(0.1)
+    raise SystemExit(f"server did not start serving within {timeout:.0f} s")
 
 
 def make_bodies(health: dict, args: argparse.Namespace, count: int = 64) -> list[bytes]:
@@ -159,12 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dualrerank-load-") as tmp:
         tmp_dir = Path(tmp)
         checkpoint = args.checkpoint or make_checkpoint(tmp_dir, args)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        log_path = tmp_dir / "server.log"
-        proc = start_server(checkpoint, port, args, log_path)
+        log_path, out_path = tmp_dir / "server.log", tmp_dir / "server.out"
+        proc = start_server(checkpoint, args, log_path, out_path)
         try:
-            health = wait_healthy(base, proc, log_path)
+            base = wait_serving(proc, log_path, out_path)
+            health = httpx.get(f"{base}/healthz", timeout=10.0).json()
             bodies = make_bodies(health, args)
             result = asyncio.run(load(base, bodies, args))
         finally:
@@ -175,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
                 proc.wait()
     result.update({
-        "backend": args.backend, "concurrency": args.concurrency, "n": args.n, "k": args.k, "group": args.group,
+        "url": base, "backend": args.backend, "concurrency": args.concurrency, "n": args.n, "k": args.k, "group": args.group,
         "server_threads": args.threads, "server_workers": args.workers, "model_version": health["model_version"],
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "checkpoint": "random-init student" if args.checkpoint is None else str(args.checkpoint),

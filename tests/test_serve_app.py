@@ -1,6 +1,8 @@
-"""The HTTP service: valid requests, every bad-input case (4xx, one-line message, server
-still answering afterwards), /metrics format, the client, a real uvicorn process, CLI
-errors on bad checkpoints, and the serving path's import discipline."""
+"""The HTTP service: valid requests (pages compared with the PyTorch models), every bad-input
+case (4xx, one-line message, server still answering afterwards), Content-Type (415),
+non-finite model output (422, both backends), the OpenAPI document and a property-based
+run of schemathesis against it, /metrics format, the client, a real uvicorn process on
+`--port 0`, CLI errors on bad checkpoints, and the serving path's import discipline."""
 
 from __future__ import annotations
 
@@ -50,12 +52,29 @@ def bundle(tmp_path_factory) -> Path:
     return save_serving_bundle(tmp_path_factory.mktemp("serve") / "ck", student, evaluator)
 
 
+SERVE_CONFIG = ServeConfig(max_candidates=50, max_body_bytes=20_000, max_group=16)
+
+
 @pytest.fixture(scope="module")
 def client(bundle):
-    config = ServeConfig(max_candidates=50, max_body_bytes=20_000, max_group=16)
-    app = create_app(load_serving_model(bundle, "onnx"), config)
+    app = create_app(load_serving_model(bundle, "onnx"), SERVE_CONFIG)
     with TestClient(app) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def torch_client(bundle):
+    app = create_app(load_serving_model(bundle, "torch", warmup=False), SERVE_CONFIG)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def models(bundle):
+    """The checkpoint's student and evaluator as PyTorch models: the reference for pages."""
+    from dualrerank.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(bundle), load_checkpoint(bundle / "evaluator")
 
 
 def body(n: int = 10, k: int = 4, request_id: str = "r1", **extra) -> dict:
@@ -69,6 +88,20 @@ def body(n: int = 10, k: int = 4, request_id: str = "r1", **extra) -> dict:
     }
 
 
+def as_batch(req: dict):
+    from dualrerank.schema import RerankBatch
+
+    X = torch.tensor([[c["features"] for c in req["candidates"]]], dtype=torch.float32)
+    mask = torch.ones(1, X.shape[1], dtype=torch.bool)
+    return RerankBatch(candidates=X, candidate_mask=mask, context=torch.tensor([req["context"]], dtype=torch.float32))
+
+
+def greedy_ids(student, req: dict) -> list:
+    """The PyTorch student's own greedy page for `req`, as ids."""
+    page = student.rerank(as_batch(req), req["k"])[0].tolist()
+    return [req["candidates"][i]["id"] for i in page]
+
+
 def assert_valid_page(reply: dict, req: dict) -> None:
     ids = [c["id"] for c in req["candidates"]]
     assert len(reply["ids"]) == req["k"] == len(reply["scores"])
@@ -78,30 +111,34 @@ def assert_valid_page(reply: dict, req: dict) -> None:
 
 
 # ------------------------------------------------------------------ valid requests
-def test_valid_request_matches_student_greedy_page(client, bundle):
-    from dualrerank.models.checkpoint import load_checkpoint
-    from dualrerank.schema import RerankBatch
-
+def test_valid_request_matches_student_greedy_page(client, models):
     req = body(12, 5)
     r = client.post("/v1/rerank", json=req)
     assert r.status_code == 200, r.text
     reply = r.json()
     assert_valid_page(reply, req)
     assert reply["selected_by"] == "greedy" and reply["group"] == 1
-    student = load_checkpoint(bundle)
-    X = torch.tensor([[c["features"] for c in req["candidates"]]], dtype=torch.float32)
-    batch = RerankBatch(candidates=X, candidate_mask=torch.ones(1, 12, dtype=torch.bool), context=torch.tensor([req["context"]]))
-    page = student.rerank(batch, 5)[0].tolist()
-    assert reply["ids"] == [req["candidates"][i]["id"] for i in page]
+    assert reply["ids"] == greedy_ids(models[0], req)
     assert math.isclose(sum(math.log(s) for s in reply["scores"]), reply["page_log_prob"], rel_tol=1e-4)
 
 
-def test_group_request_uses_evaluator_and_is_reproducible(client):
+def test_group_request_uses_evaluator_and_is_reproducible(client, models):
+    student, evaluator = models
     req = body(15, 4, request_id="g1", group=6)
     a, b = client.post("/v1/rerank", json=req).json(), client.post("/v1/rerank", json=req).json()
     assert_valid_page(a, req)
-    assert a["selected_by"] == "evaluator" and a["group"] == 6 and "page_value" in a
+    assert a["selected_by"] == "evaluator" and a["group"] == 6
     assert a["ids"] == b["ids"]  # noise seeded by (server seed, request_id)
+    # page_value is the evaluator's value of the returned page, and the group holds the
+    # greedy page, so the chosen page is worth at least as much to the evaluator.
+    index = {c["id"]: i for i, c in enumerate(req["candidates"])}
+
+    def value(ids: list) -> float:
+        with torch.no_grad():
+            return float(evaluator.page_value(as_batch(req), torch.tensor([[[index[i] for i in ids]]]))[0, 0])
+
+    assert math.isclose(a["page_value"], value(a["ids"]), rel_tol=1e-4, abs_tol=1e-5)
+    assert a["page_value"] >= value(greedy_ids(student, req)) - 1e-5
 
 
 def test_group_without_evaluator_picks_by_log_prob(tmp_path):
@@ -117,13 +154,29 @@ def test_group_without_evaluator_picks_by_log_prob(tmp_path):
     assert reply["page_log_prob"] >= greedy["page_log_prob"] - 1e-5
 
 
-def test_string_ids_and_upstream_score(client):
-    req = body(6, 6)
+def test_string_ids_get_the_student_page(client, models):
+    req = body(9, 4)
     for i, cand in enumerate(req["candidates"]):
         cand["id"] = f"video-{i}"
-    req["upstream_score"] = [0.1 * i for i in range(6)]
     reply = client.post("/v1/rerank", json=req).json()
-    assert sorted(reply["ids"]) == sorted(c["id"] for c in req["candidates"])
+    assert reply["ids"] == greedy_ids(models[0], req)
+    assert reply["ids"] != [c["id"] for c in req["candidates"][:4]]  # not just the input order
+
+
+def test_upstream_score_is_refused_not_ignored(client):
+    # The served models read features only; a field that changes nothing is refused so
+    # that nobody believes it reorders the page.
+    r = client.post("/v1/rerank", json=body(6, 2, upstream_score=[0.1 * i for i in range(6)]))
+    assert r.status_code == 422
+    assert r.json()["error"].startswith("upstream_score: unknown field (the served model reads only features")
+
+
+def test_integral_numbers_count_as_integers(client, models):
+    # JSON Schema (and so the OpenAPI document) calls 4.0 an integer; generated clients send it.
+    req = body(10, 4)
+    reply = client.post("/v1/rerank", json={**req, "k": 4.0, "candidates": [{**c, "id": float(c["id"])} for c in req["candidates"]]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["ids"] == greedy_ids(models[0], req)
 
 
 # ------------------------------------------------------------------ bad input
@@ -152,7 +205,7 @@ BAD_JSON = {
     "unknown_field": (lambda: body(temperature=2.0), 422, "temperature: unknown field"),
     "group_zero": (lambda: body(group=0), 422, "group: must be in [1, 16]"),
     "group_too_big": (lambda: body(group=17), 422, "group: must be in [1, 16]"),
-    "upstream_len": (lambda: body(n=4, k=2, upstream_score=[1.0, 2.0]), 422, "upstream_score: shape"),
+    "k_float": (lambda: body(k=2.5), 422, "k: Input should be a valid integer"),
     "not_an_object": (lambda: [1, 2, 3], 422, "body: Input should be an object"),
 }
 
@@ -165,7 +218,6 @@ BAD_RAW = {
     "inf_context": (_raw(json.dumps(body()).replace("0.5", "Infinity", 1)), 422, "context: NaN/inf"),
     "overflow_float32": (_raw(json.dumps(body(n=3, k=1)).replace(json.dumps(body(n=3, k=1)["candidates"][0]["features"][0]), "1e39", 1)),
                          422, "NaN/inf in features of candidate 0"),
-    "nan_upstream": (_raw(json.dumps(body(n=3, k=1, upstream_score=[0.0, 1.0, 2.0])).replace("2.0]", "NaN]")), 422, "upstream_score: NaN/inf"),
     "oversized": (_raw(json.dumps(body(n=40, k=2, pad="x" * 30_000))), 413, "limit of 20000"),
 }
 
@@ -204,11 +256,124 @@ def test_request_id_is_echoed_in_errors(client):
     assert "request 0 ('abc')" in r.json()["error"]
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx", "application/json; charset=latin-1"])
+def test_post_that_is_not_json_is_415(client, content_type):
+    # text/plain, form and multipart bodies are what a web page may POST cross-site without
+    # a CORS preflight; the service takes none of them, even when the bytes are valid JSON.
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = client.post("/v1/rerank", content=json.dumps(body()).encode(), headers=headers)
+    _check_rejected(client, r, 415, "Content-Type: ")
+    assert r.json()["request_id"] is None
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", 'Application/JSON; Charset="UTF-8"'])
+def test_json_with_a_utf8_charset_is_accepted(client, content_type):
+    r = client.post("/v1/rerank", content=json.dumps(body()).encode(), headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("where", ["features", "context"])
+def test_non_finite_model_output_is_422_not_a_page(client, torch_client, backend, group, where):
+    # 3e38 is a finite float32, but the network overflows on it: every logit is NaN. Before,
+    # group 1 answered 200 with the input order and invented scores, group > 1 a 500.
+    c = {"onnx": client, "torch": torch_client}[backend]
+    req = body(6, 3, request_id="big", group=group)
+    if where == "features":
+        req["candidates"][2]["features"] = [3e38] * D
+    else:
+        req["context"] = [3e38, -3e38]
+    before = _parse_metrics(c.get("/metrics").text)
+    r = c.post("/v1/rerank", json=req)
+    _check_rejected(c, r, 422, "model output is not finite for request 0 ('big'): input features too large?")
+    after = _parse_metrics(c.get("/metrics").text)
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    # The refusal is an error by reason and status; the one success (_check_rejected's
+    # follow-up request) is the only new entry of the latency histogram.
+    assert delta['dualrerank_rerank_errors_total{reason="non_finite_output"}'] == 1
+    assert delta['dualrerank_http_requests_total{path="/v1/rerank",status="422"}'] == 1
+    assert delta["dualrerank_rerank_latency_seconds_count"] == 1
+
+
+def test_non_finite_evaluator_value_is_422(bundle):
+    model = load_serving_model(bundle, "torch", warmup=False)
+    model.evaluator.page_value = lambda batch, pages: torch.full(pages.shape[:2], float("nan"))
+    with TestClient(create_app(model)) as c:
+        r = c.post("/v1/rerank", json=body(8, 3, group=4))
+        assert r.status_code == 422 and "evaluator page value is not finite" in r.json()["error"], r.text
+        assert c.post("/v1/rerank", json=body(8, 3)).status_code == 200  # greedy needs no evaluator
+
+
+def test_serving_model_refuses_non_finite_inputs_that_skipped_validation(bundle):
+    model = load_serving_model(bundle, "torch", warmup=False)
+    batch = as_batch(body(5, 2))
+    batch.candidates[0, 3, 1] = float("nan")
+    with pytest.raises(DataError, match=r"NaN/inf in the features of request 0"):
+        model.rerank(batch, 2)
+
+
+# ------------------------------------------------------------------ OpenAPI
+def test_openapi_document_describes_this_deployment(client):
+    r = client.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert set(doc["paths"]) == {"/v1/rerank", "/healthz", "/metrics"}
+    rerank = doc["paths"]["/v1/rerank"]["post"]
+    assert rerank["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/RerankRequestIn"}
+    assert set(rerank["responses"]) == {"200", "400", "413", "415", "422", "500"}
+    schemas = doc["components"]["schemas"]
+    features = schemas["CandidateIn"]["properties"]["features"]
+    assert features["minItems"] == features["maxItems"] == D
+    request = schemas["RerankRequestIn"]["properties"]
+    assert request["context"]["minItems"] == request["context"]["maxItems"] == C
+    assert request["candidates"]["maxItems"] == 50 and request["k"]["maximum"] == MAX_POS
+    assert "upstream_score" not in request
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_head_healthz(client):
+    r = client.head("/healthz")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json" and r.content == b""
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(bundle):
+    """Property-based run over the OpenAPI document: requests that fit the schema (and, in
+    the second mode, requests that do not) must never get a 500, an undocumented status, or
+    a response that breaks the documented schema. Bounded and derandomized: the same
+    examples on every run, about a second."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import checks
+
+    app = create_app(load_serving_model(bundle, "onnx"), ServeConfig(max_candidates=20, max_body_bytes=20_000, max_group=8))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    seen: list[int] = []
+    verdicts = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+                checks.response_schema_conformance, checks.response_headers_conformance]
+
+    for mode, examples in ((schemathesis.GenerationMode.POSITIVE, 50), (schemathesis.GenerationMode.NEGATIVE, 25)):
+
+        @given(case=schema.as_strategy(mode))
+        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case):
+            response = case.call()
+            seen.append(response.status_code)
+            case.validate_response(response, checks=verdicts)
+
+        run()
+    # The run reached the model, not only the validators.
+    assert seen.count(200) >= 5 and 422 in seen, sorted(set(seen))
+
+
 # ------------------------------------------------------------------ health and metrics
 def test_healthz(client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["candidate_dim"] == D and h["context_dim"] == C
     assert h["evaluator"] is True and h["backend"] == "onnx" and h["max_candidates"] == 50
+    assert h["max_body_bytes"] == 20_000
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*"(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*)?\})? (\S+)$')
@@ -236,21 +401,27 @@ def test_metrics_format_and_counts(bundle):
     with TestClient(app) as c:
         for _ in range(3):
             assert c.post("/v1/rerank", json=body()).status_code == 200
-        c.post("/v1/rerank", content=b"{")
+        as_json = {"content-type": "application/json"}
+        c.post("/v1/rerank", content=b"{", headers=as_json)
         c.post("/v1/rerank", json=body(k=0))
-        c.post("/v1/rerank", content=b"x" * 10_001)
+        c.post("/v1/rerank", content=b"x" * 10_001, headers=as_json)
+        c.post("/v1/rerank", content=json.dumps(body()), headers={"content-type": "text/plain"})
+        c.post("/v1/rerank", json={**body(), "context": [3e38, 3e38]})
         c.get("/nope")
         r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     s = _parse_metrics(r.text)
     assert s['dualrerank_http_requests_total{path="/v1/rerank",status="200"}'] == 3
     assert s['dualrerank_http_requests_total{path="/v1/rerank",status="400"}'] == 1
-    assert s['dualrerank_http_requests_total{path="/v1/rerank",status="422"}'] == 1
+    assert s['dualrerank_http_requests_total{path="/v1/rerank",status="422"}'] == 2
     assert s['dualrerank_http_requests_total{path="/v1/rerank",status="413"}'] == 1
+    assert s['dualrerank_http_requests_total{path="/v1/rerank",status="415"}'] == 1
     assert s['dualrerank_http_requests_total{path="other",status="404"}'] == 1
     assert s['dualrerank_rerank_errors_total{reason="invalid_json"}'] == 1
     assert s['dualrerank_rerank_errors_total{reason="invalid_request"}'] == 1
     assert s['dualrerank_rerank_errors_total{reason="body_too_large"}'] == 1
+    assert s['dualrerank_rerank_errors_total{reason="unsupported_media_type"}'] == 1
+    assert s['dualrerank_rerank_errors_total{reason="non_finite_output"}'] == 1
     assert s['dualrerank_rerank_errors_total{reason="internal"}'] == 0
     buckets = [(k, v) for k, v in s.items() if k.startswith("dualrerank_rerank_latency_seconds_bucket")]
     values = [v for _, v in buckets]
@@ -316,31 +487,43 @@ def test_client_unreachable_server():
 
 
 # ------------------------------------------------------------------ real server, CLI
-def test_real_uvicorn_server_via_cli(bundle, tmp_path):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "dualrerank.cli", "serve", "--checkpoint", str(bundle), "--port", str(port),
+def _wait_for_serving_line(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = out_path.read_text().splitlines()
+        if lines:
+            return lines[0]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"server did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+def test_real_uvicorn_server_via_cli_on_port_0(bundle, models, tmp_path):
+    import httpx
+
+    # No --host: the default bind address is loopback.
+    cmd = [sys.executable, "-m", "dualrerank.cli", "serve", "--checkpoint", str(bundle), "--port", "0",
            "--max-candidates", "30"]
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    out_path, log_path = tmp_path / "server.out", tmp_path / "server.log"
+    with open(out_path, "w") as out, open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=log)
     try:
-        with RerankClient(f"http://127.0.0.1:{port}", timeout=5.0) as rc:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    assert rc.health()["max_candidates"] == 30
-                    break
-                except ServiceUnavailable:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        pytest.fail(f"server did not start: {log.read()[-2000:]}")
-                    time.sleep(0.2)
+        line = _wait_for_serving_line(proc, out_path, log_path)
+        m = re.fullmatch(r"serving on (http://127\.0\.0\.1:(\d+))", line)
+        assert m and int(m.group(2)) > 0, line
+        base = m.group(1)
+        with RerankClient(base, timeout=10.0) as rc:
+            assert rc.health()["max_candidates"] == 30  # the printed line came after startup
             req = body(10, 4)
             reply = rc.rerank("live", req["context"], req["candidates"], k=4)
-            assert len(reply.ids) == 4 and reply.latency_ms > 0
+            assert reply.ids == greedy_ids(models[0], req) and reply.latency_ms > 0
             with pytest.raises(ServiceError) as info:
                 rc.rerank("live2", req["context"], body(31, 2)["candidates"], k=2)
             assert info.value.status_code == 422
-            assert rc.rerank("live3", req["context"], req["candidates"], k=2).ids
+        head = httpx.head(f"{base}/healthz", timeout=10.0)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) > 0  # GET's headers, body dropped by uvicorn
+        assert httpx.get(f"{base}/openapi.json", timeout=10.0).json()["info"]["title"] == "dualrerank"
     finally:
         proc.terminate()
         try:
@@ -348,7 +531,16 @@ def test_real_uvicorn_server_via_cli(bundle, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
+
+
+def test_serve_on_a_taken_port_is_one_line_exit_2(bundle, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(bundle), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"dualrerank serve: error: port: cannot bind 127.0.0.1:{port}"), err
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated_weights", "bad_json", "teacher", "corrupt_onnx", "bad_evaluator"])
@@ -370,7 +562,7 @@ def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, damage):
         (ck / "student.onnx").write_bytes(b"definitely not onnx")
     elif damage == "bad_evaluator":
         (ck / "evaluator").mkdir()
-    assert main(["serve", "--checkpoint", str(ck), "--port", str(_free_port())]) == 2
+    assert main(["serve", "--checkpoint", str(ck), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dualrerank serve: error:"), err
 

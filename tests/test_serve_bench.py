@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -39,3 +40,5 @@ def test_serve_load_benchmark_stops_by_itself(tmp_path, capsys):
     assert report["requests"] == 40 and report["ok"] == 40 and report["errors"] == 0
     assert report["server_counted_ok"] == 40 and report["throughput_rps"] > 0
     assert report["client_p50_ms"] <= report["client_p99_ms"]
+    # The server was started with --port 0 and the benchmark read the bound port from its output.
+    assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", report["url"]), report["url"]

@@ -202,3 +202,19 @@ def test_export_command_bad_checkpoint_exits_2(tmp_path, capsys, damage):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dualrerank export: error:")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`dualrerank export ... | head`: the reader is gone before the report is printed. The
+    export itself succeeded, so its status stands; no traceback, no 'Exception ignored'."""
+    import subprocess
+    import sys
+
+    save_checkpoint(tiny_student(), tmp_path / "ck", "student")
+    out = tmp_path / "s.onnx"
+    cmd = [sys.executable, "-m", "dualrerank.cli", "export", "--checkpoint", str(tmp_path / "ck"), "--out", str(out), "--no-check"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # no reader left: the command's first write gets EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == "" and out.is_file()

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from dualrerank.commands._common import add_config_args, load_from_args, print_json
 from dualrerank.errors import ConfigError
@@ -48,5 +50,14 @@ def _run(args: argparse.Namespace) -> int:
         parity = check_parity(student, OnnxBackend(path).session, seed=cfg.seed)
         ok = parity["max_abs_diff"] <= cfg.check_tolerance and parity["pages_equal"] and parity["padding_is_neg_inf"]
         report["parity"] = {**parity, "tolerance": cfg.check_tolerance, "ok": ok}
-    print_json(report)
+    try:
+        print_json(report)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left early (`| head`): the ONNX file is written and checked, so the
+        # status stays the export's. stdout now points at /dev/null, or the interpreter's
+        # final flush would hit the closed pipe again and print a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0 if ok else 1

@@ -23,6 +23,7 @@ _LAZY = {
     "check_parity": "dualrerank.serve.export",
     "ServingModel": "dualrerank.serve.runtime",
     "RerankResult": "dualrerank.serve.runtime",
+    "NonFiniteOutput": "dualrerank.serve.runtime",
     "load_serving_model": "dualrerank.serve.runtime",
     "save_serving_bundle": "dualrerank.serve.runtime",
     "greedy_pages": "dualrerank.serve.runtime",

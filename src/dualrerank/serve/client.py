@@ -111,7 +111,6 @@ class RerankClient:
         candidates: Iterable[Any],
         k: int,
         group: int | None = None,
-        upstream_score: Sequence[float] | Any | None = None,
     ) -> RerankReply:
         """Rerank `candidates` and return the page of `k` ids (see the module docstring)."""
         body: dict[str, Any] = {
@@ -122,12 +121,10 @@ class RerankClient:
         }
         if group is not None:
             body["group"] = int(group)
-        if upstream_score is not None:
-            body["upstream_score"] = _tolist(upstream_score)
         try:
             content = json.dumps(body, allow_nan=False)
         except ValueError:
-            raise DataError(f"request {request_id!r}: NaN/inf in features, context or upstream_score (JSON cannot carry them)") from None
+            raise DataError(f"request {request_id!r}: NaN/inf in features or context (JSON cannot carry them)") from None
         except TypeError as exc:
             raise DataError(f"request {request_id!r}: not JSON-serialisable ({exc})") from None
         headers = {"content-type": "application/json"}

@@ -20,9 +20,9 @@ from collections import Counter
 
 __all__ = ["ERROR_REASONS", "LATENCY_BUCKETS", "ServiceMetrics"]
 
-ERROR_REASONS = ("invalid_json", "invalid_request", "body_too_large", "internal")
+ERROR_REASONS = ("invalid_json", "invalid_request", "body_too_large", "unsupported_media_type", "non_finite_output", "internal")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-KNOWN_PATHS = ("/v1/rerank", "/healthz", "/metrics")
+KNOWN_PATHS = ("/v1/rerank", "/healthz", "/metrics", "/openapi.json")
 
 
 def _escape(value: str) -> str:

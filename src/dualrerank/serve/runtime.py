@@ -19,6 +19,12 @@ otherwise) and returns the one with the highest evaluator page value when the ch
 has an evaluator, else the one with the highest student page log-probability. The noise
 of a request is seeded by (server seed, request_id), so a request is reproducible.
 
+Finite numbers only: `ServingModel.rerank` refuses non-finite inputs (`DataError`) and
+raises `NonFiniteOutput` (a `DataError`) when the logits at real candidates, the page's
+scores or the evaluator's page value are NaN/inf. Finite inputs near float32's maximum
+(e.g. 3e38) overflow inside the network; a page decoded from such logits would be the
+input order with made-up scores, so no page is returned at all.
+
 This module imports the student, the evaluator and the decoders only: no training code,
 no simulator.
 """
@@ -34,12 +40,13 @@ import numpy as np
 import torch
 
 from dualrerank.decoding import gumbel_max_pages, sequential_log_prob
-from dualrerank.errors import CheckpointError, ConfigError
+from dualrerank.errors import CheckpointError, ConfigError, DataError
 from dualrerank.schema import RerankBatch
 
 __all__ = [
     "EVALUATOR_DIR",
     "ONNX_FILE",
+    "NonFiniteOutput",
     "RerankResult",
     "TorchBackend",
     "OnnxBackend",
@@ -158,6 +165,22 @@ class OnnxBackend:
         return self.session.run(["logits"], feeds)[0]
 
 
+class NonFiniteOutput(DataError):
+    """The model computed NaN/inf for a request whose inputs were finite (features so
+    large that the network overflows): the request is refused, not answered."""
+
+
+def _first_bad_row(bad: np.ndarray) -> int | None:
+    rows = np.flatnonzero(bad)
+    return int(rows[0]) if rows.size else None
+
+
+def _refuse_non_finite(batch: RerankBatch, bad: np.ndarray, what: str) -> None:
+    b = _first_bad_row(bad)
+    if b is not None:
+        raise NonFiniteOutput(f"{what} is not finite for {batch.request_name(b)}: input features too large?")
+
+
 @dataclass
 class RerankResult:
     """Pages and scores for B requests.
@@ -205,10 +228,30 @@ class ServingModel:
         """Pages `[B, k]` for a validated batch (see the module docstring for the rule).
 
         `batch` must already have passed `batch.validate(k, candidate_dim, context_dim)`;
-        `seed` seeds the Gumbel noise when `group > 1`.
+        `seed` seeds the Gumbel noise when `group > 1`. Raises `DataError` for NaN/inf
+        inputs and `NonFiniteOutput` when the model's numbers for a request are not finite.
         """
         mask = batch.candidate_mask.numpy()
-        z = self.backend.logits(batch.candidates.numpy(), batch.context.numpy(), mask, k)
+        X, C = batch.candidates.numpy(), batch.context.numpy()
+        # Cheap next to the network, and what keeps NaN from reaching a page if a caller
+        # skipped `validate` (the service never does).
+        bad_input = (~np.isfinite(X).all(axis=2) & mask).any(axis=1) | ~np.isfinite(C).all(axis=1)
+        b = _first_bad_row(bad_input)
+        if b is not None:
+            raise DataError(f"candidates/context: NaN/inf in the features of {batch.request_name(b)}")
+        z = self.backend.logits(X, C, mask, k)
+        # -inf at padding is by design; anything non-finite at a real candidate is overflow.
+        _refuse_non_finite(batch, (~np.isfinite(z) & mask[:, None, :]).any(axis=(1, 2)), "model output")
+        result = self._decode(batch, z, k, group, seed)
+        bad = ~np.isfinite(result.scores).all(axis=1) | ~np.isfinite(result.page_log_prob)
+        _refuse_non_finite(batch, bad, "page score")
+        if result.page_value is not None:
+            _refuse_non_finite(batch, ~np.isfinite(result.page_value), "evaluator page value")
+        return result
+
+    def _decode(self, batch: RerankBatch, z: np.ndarray, k: int, group: int, seed: int | None) -> RerankResult:
+        """The page of each request from finite logits `z [B, k, n]` (greedy or best of a group)."""
+        mask = batch.candidate_mask.numpy()
         if group <= 1:
             pages, probs = greedy_pages(z, mask)
             return RerankResult(pages, probs, np.log(probs).sum(axis=1), None, "greedy")
