@@ -543,7 +543,7 @@ def test_serve_on_a_taken_port_is_one_line_exit_2(bundle, capsys):
     assert len(err.splitlines()) == 1 and err.startswith(f"dualrerank serve: error: port: cannot bind 127.0.0.1:{port}"), err
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated_weights", "bad_json", "teacher", "corrupt_onnx", "bad_evaluator"])
+@pytest.mark.parametrize("damage", ["missing", "truncated_weights", "changed_weight", "bad_json", "teacher", "corrupt_onnx", "bad_evaluator"])
 def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, damage):
     ck = tmp_path / "ck"
     student, _ = tiny_models()
@@ -552,6 +552,12 @@ def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, damage):
     if damage == "truncated_weights":
         w = ck / "model.safetensors"
         w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+    elif damage == "changed_weight":
+        # Same size, still valid safetensors, one weight changed: only the checksum tells.
+        w = ck / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[-1] ^= 0x01
+        w.write_bytes(bytes(data))
     elif damage == "bad_json":
         (ck / "config.json").write_text("{not json")
     elif damage == "teacher":
@@ -565,6 +571,8 @@ def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, damage):
     assert main(["serve", "--checkpoint", str(ck), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dualrerank serve: error:"), err
+    if damage == "changed_weight":
+        assert "checksum mismatch" in err
 
 
 def test_serving_path_imports_no_training_code_nor_simulator(bundle):

@@ -32,7 +32,7 @@ class ServeConfig:
     onnx_path: str = option("", "ONNX file of the student (default: CHECKPOINT/student.onnx if present, "
                                 "else the student is exported in memory at startup)")
     host: str = option("127.0.0.1", "interface to bind (loopback by default; 0.0.0.0 exposes the service)")
-    port: int = option(8000, "TCP port")
+    port: int = option(8000, "TCP port (0: the system picks a free one; `serve` prints it once serving)")
     max_candidates: int = option(1000, "largest number of candidates one request may carry (more -> 422)")
     max_body_bytes: int = option(4 * 1024 * 1024, "largest request body in bytes (more -> 413, body not parsed)")
     max_group: int = option(64, "largest group of sampled pages a request may ask for")
