@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,15 @@ from dualrerank.decoding import (
 from dualrerank.errors import ConfigError, DataError
 
 FAST = settings(max_examples=40, deadline=None)
+
+
+@pytest.mark.skipif(os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci", reason="another Hypothesis profile was asked for")
+def test_property_tests_run_the_fixed_ci_profile():
+    # conftest.py loads it: examples derive from each test's name, so a failure in CI
+    # reproduces anywhere; a test's own settings change only the fields they name.
+    for s in (settings.default, FAST):
+        assert s.derandomize and s.database is None and s.print_blob and s.deadline is None
+    assert settings.default.max_examples <= 100 and FAST.max_examples == 40
 
 
 def random_mask(B: int, n: int, min_valid: int, gen: torch.Generator) -> torch.Tensor:

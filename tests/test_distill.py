@@ -184,12 +184,34 @@ def test_observed_ptar_never_below_certified_bound(splits, seed, sharpness, nois
         assert figures["ptar"] == 1.0 and figures["certified_ptar"] > 0.5
 
 
+class _SwapLastTwo:
+    """A reranker without logits serving the teacher's greedy page with its last two items
+    swapped: it agrees with the teacher at exactly the first L - 2 positions."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher = teacher
+
+    def rerank(self, batch, k):
+        page = self.teacher.rerank(batch, k).clone()
+        page[:, [-2, -1]] = page[:, [-1, -2]]
+        return page
+
+
 def test_agreement_figures_for_models_without_logits(splits, teacher_dir):
     teacher = load_checkpoint(teacher_dir)
-    figures = agreement_figures(teacher, teacher, splits.valid.batch, splits.page_length)
-    assert figures["ptar"] == 1.0 and figures["exact_page"] == 1.0 and figures["ptar@4"] == 1.0
-    for key in ("collapse_rate", "mean_row_js", "mean_row_entropy", "certified_ptar", "certified_prefix"):
-        assert figures[key] is None
+    L = splits.page_length
+    batch = splits.valid.batch
+    assert L == 4 and bool((batch.num_valid >= L).all())  # every request is decoded at length 4
+    figures = agreement_figures(_SwapLastTwo(teacher), teacher, batch, L)
+    assert figures["ptar"] == pytest.approx(2 / 4) and figures["ptar@4"] == pytest.approx(2 / 4)
+    assert figures["exact_page"] == 0.0
+    # The teacher's margin is the teacher's, whoever is compared with it.
+    ref = teacher_reference(teacher, batch, L)
+    top2 = torch.cat(ref.probs).topk(2, dim=-1).values
+    assert figures["teacher_margin"] == pytest.approx(float((top2[..., 0] - top2[..., 1]).double().mean()))
+    for key in ("collapse_rate", "collision_share", "mean_row_js", "mean_row_entropy", "certified_ptar",
+                "certified_ptar@4", "certified_prefix", "certified_step_share"):
+        assert figures[key] is None, key
 
 
 # ---------------------------------------------------------------------------- end to end

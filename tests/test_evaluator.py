@@ -243,3 +243,67 @@ def test_beam_respects_padding_and_is_deterministic_in_train_mode():
     assert torch.equal(a, b) and ev.training
     assert bool(batch.candidate_mask.gather(1, a).all())
     assert torch.equal(ev.greedy_pages(batch, 4), ev.beam_pages(batch, 4, width=1))
+
+
+# ---------------------------------------------------------------------------- AUC in evaluate
+def _hand_auc(scores: torch.Tensor, clicks: torch.Tensor) -> tuple[float, float]:
+    """(pooled AUC, impression-weighted GAUC) of `[B, L]` scores, every position shown."""
+    from dualrerank.metrics import per_request_auc
+
+    def pooled(s: torch.Tensor, y: torch.Tensor) -> float:
+        pos, neg = s[y > 0], s[y == 0]
+        wins = (pos.unsqueeze(1) > neg.unsqueeze(0)).double() + 0.5 * (pos.unsqueeze(1) == neg.unsqueeze(0)).double()
+        return float(wins.mean())
+
+    per = [pooled(s, y) for s, y in zip(scores, clicks) if 0 < int((y > 0).sum()) < len(y)]
+    assert torch.allclose(per_request_auc(scores, clicks > 0)[~per_request_auc(scores, clicks > 0).isnan()],
+                          torch.tensor(per, dtype=torch.float64))
+    return pooled(scores.flatten(), clicks.flatten()), sum(per) / len(per)  # equal impressions: plain mean
+
+
+def test_evaluate_logs_the_evaluators_auc_on_logged_clicks(trained):
+    from dualrerank.train.evaluation import EvalSplit, evaluate
+
+    trained, _ = trained
+    batch, p_click = toy_logs(400, seed=7)
+    figures = evaluate(trained.rerank, EvalSplit(batch), 5, timing=False)
+    clicks = batch.logged_feedback[..., 0]
+    with torch.no_grad():
+        predicted = trained.predict(batch, batch.logged_page)[..., 0].double()
+    want_auc, want_gauc = _hand_auc(predicted, clicks)
+    assert figures["auc"] == pytest.approx(want_auc, abs=1e-9)
+    assert figures["gauc"] == pytest.approx(want_gauc, abs=1e-9)
+    # It learnt the clicks: close to the AUC of the true click probabilities.
+    true_auc, _ = _hand_auc(p_click.double(), clicks)
+    assert figures["auc"] > true_auc - 0.05 and figures["auc"] > 0.65, (figures["auc"], true_auc)
+
+
+def test_evaluate_logs_score_model_auc_along_the_logged_page_and_none_without_clicks():
+    from dualrerank.models.baselines import UpstreamSort
+    from dualrerank.train.evaluation import EvalSplit, evaluate
+
+    # Two requests; the logged page shows candidates in an order unlike their index, so
+    # scores must be read along the page. Upstream scores rank request 0's clicks first
+    # (AUC 1) and request 1's last (AUC 0).
+    page = torch.tensor([[3, 0, 2, 1], [1, 2, 0, 3]])
+    click = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    upstream = torch.tensor([[0.9, 0.1, 0.2, 1.0], [0.5, 0.6, 0.7, 0.0]])
+    batch = RerankBatch(
+        candidates=torch.randn(2, 4, 3), candidate_mask=torch.ones(2, 4, dtype=torch.bool), context=torch.zeros(2, 1),
+        logged_page=page, logged_page_mask=torch.ones(2, 4, dtype=torch.bool),
+        logged_feedback=(1000 * click).unsqueeze(-1), feedback_names=("click",),  # clicks in other units
+        upstream_score=upstream,
+    ).validate()
+    model = UpstreamSort()
+    figures = evaluate(model.rerank, EvalSplit(batch), 4, timing=False)
+    assert figures["gauc"] == pytest.approx(0.5)  # (4 * 1 + 4 * 0) / 8
+    # Pooled: clicked {1.0, 0.9, 0.0} vs the rest {0.2, 0.1, 0.5, 0.6, 0.7}: 5 + 5 + 0 of 15.
+    assert figures["auc"] == pytest.approx(10 / 15)
+    # A list generator has no item scores; a rerank function not bound to a model neither.
+    assert evaluate(lambda b, k: model.rerank(b, k), EvalSplit(batch), 4, timing=False)["auc"] is None
+    # Without a click column there is nothing to measure against.
+    graded = RerankBatch(
+        candidates=batch.candidates, candidate_mask=batch.candidate_mask, context=batch.context,
+        labels=torch.rand(2, 4, 1), label_names=("relevance",), upstream_score=upstream,
+    ).validate()
+    assert evaluate(model.rerank, EvalSplit(graded), 4, timing=False)["gauc"] is None

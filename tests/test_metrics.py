@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 
 from dualrerank.errors import DataError
 from dualrerank.metrics import (
+    AGREEMENT_FIGURES,
+    agreement_per_request,
     auc,
+    auc_figures,
     batch_mean,
     collapse_rate,
     collision_share,
@@ -294,9 +297,30 @@ def test_auc_matches_pairwise_count(seed: int, B: int, n: int) -> None:
             assert got[b].item() == pytest.approx(want, abs=1e-12)
             assert auc(scores[b][keep], labels[b][keep].bool()) == pytest.approx(want, abs=1e-12)
             assert per_request_auc(-scores[b : b + 1], labels[b : b + 1], mask[b : b + 1]).item() == pytest.approx(1 - want, abs=1e-12)
-    defined = [v for v in got.tolist() if not math.isnan(v)]
-    want_mean = sum(defined) / len(defined) if defined else math.nan
-    assert grouped_auc(garbage, labels, mask) == pytest.approx(want_mean, abs=1e-12, nan_ok=True)
+    defined = [(v, int(mask[b].sum())) for b, v in enumerate(got.tolist()) if not math.isnan(v)]
+    uniform = sum(v for v, _ in defined) / len(defined) if defined else math.nan
+    weighted = sum(v * w for v, w in defined) / sum(w for _, w in defined) if defined else math.nan
+    assert grouped_auc(garbage, labels, mask, weights="uniform") == pytest.approx(uniform, abs=1e-12, nan_ok=True)
+    # GAUC weighs a request by its impressions (valid items), not once each.
+    assert grouped_auc(garbage, labels, mask) == pytest.approx(weighted, abs=1e-12, nan_ok=True)
+    # The pooled AUC is the AUC of every valid pair at once, across requests.
+    pooled = brute_auc(scores[mask].tolist(), labels[mask].tolist())
+    figures = auc_figures(garbage, labels, mask)
+    assert figures["auc"] == pytest.approx(pooled, abs=1e-12, nan_ok=True)
+    assert figures["gauc"] == pytest.approx(weighted, abs=1e-12, nan_ok=True)
+
+
+def test_gauc_weighs_requests_by_impressions_and_differs_from_pooled_auc() -> None:
+    # Request 0: 6 items ranked perfectly (AUC 1); request 1: 2 items ranked backwards (AUC 0).
+    scores = torch.tensor([[6.0, 5, 4, 3, 2, 1], [0.0, 1, 0, 0, 0, 0]])
+    labels = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[True] * 6, [True, True] + [False] * 4])
+    assert grouped_auc(scores, labels, mask) == pytest.approx(6 / 8)
+    assert grouped_auc(scores, labels, mask, weights="uniform") == pytest.approx(0.5)
+    # Pooled: positives {6, 5, 0} vs negatives {4, 3, 2, 1, 1}: 5 + 5 + 0 wins of 15 pairs.
+    assert auc_figures(scores, labels, mask)["auc"] == pytest.approx(10 / 15)
+    with pytest.raises(DataError, match="weights"):
+        grouped_auc(scores, labels, mask, weights="clicks")  # type: ignore[arg-type]
 
 
 def test_auc_edge_cases() -> None:
@@ -318,11 +342,11 @@ def test_ptar_values() -> None:
     out = ptar(s, t, k=4)
     assert out["ptar"].tolist() == [4 / 6, 1.0]
     assert out["ptar@4"].tolist() == [3 / 4, 1.0]
-    assert out["exact_match"].tolist() == [0.0, 1.0]
+    assert out["exact_page"].tolist() == [0.0, 1.0]
     assert out["ptar_mean"] == pytest.approx((4 / 6 + 1) / 2)
     pm = torch.tensor([[True, True, False, False, False, False], [False] * 6])
     out = ptar(s, t, pm, k=2)
-    assert out["ptar"][0].item() == 1.0 and out["exact_match"][0].item() == 1.0
+    assert out["ptar"][0].item() == 1.0 and out["exact_page"][0].item() == 1.0
     assert math.isnan(out["ptar"][1].item()) and out["ptar_mean"] == 1.0
     with pytest.raises(DataError, match="teacher_pages"):
         ptar(s, t[:, :3])
@@ -337,13 +361,17 @@ def test_ptar_properties(seed: int, B: int, L: int, k: int) -> None:
     s = torch.randint(0, 4, (B, L), generator=g)
     t = torch.randint(0, 4, (B, L), generator=g)
     a, b = ptar(s, t, k=k), ptar(t, s, k=k)
-    for key in ("ptar", f"ptar@{k}", "exact_match"):
+    for key in ("ptar", f"ptar@{k}", "exact_page"):
         torch.testing.assert_close(a[key], b[key])
         assert bool(((a[key] >= 0) & (a[key] <= 1)).all())
-    assert bool((a["exact_match"] <= a["ptar"]).all())
-    assert bool(((a["ptar"] == 1) == (a["exact_match"] == 1)).all())
-    same = ptar(s, s, k=k)
-    assert same["ptar_mean"] == same["exact_match_mean"] == same[f"ptar@{k}_mean"] == 1.0
+    assert bool((a["exact_page"] <= a["ptar"]).all())
+    assert bool(((a["ptar"] == 1) == (a["exact_page"] == 1)).all())
+    # Against a per-position count written out by hand (not against the pages themselves).
+    for i in range(B):
+        same = [x == y for x, y in zip(s[i].tolist(), t[i].tolist())]
+        assert a["ptar"][i].item() == pytest.approx(sum(same) / L)
+        assert a[f"ptar@{k}"][i].item() == pytest.approx(sum(same[:k]) / min(k, L))
+        assert a["exact_page"][i].item() == float(all(same))
 
 
 # ---------------------------------------------------------------------------- collapse, JS, entropy
@@ -552,10 +580,31 @@ def test_distillation_diagnostics() -> None:
     B, L, n = 16, 4, 8
     mask, S, y, Z = _teacher_student_batch(9, B, L, n, torch.full((B,), 0.01))
     student = greedy_decode(Z, mask)
-    out = distillation_diagnostics(Z, mask, student, y, teacher_probs=prefix_masked_probs(S, mask, y))
-    assert set(out) == {
-        "ptar", "ptar@4", "exact_match", "collapse_rate", "collision_share", "row_js", "row_entropy",
-        "certified_prefix", "certified_ptar", "certified_ptar@4", "certified_step_share",
-    }
+    q = prefix_masked_probs(S, mask, y)
+    out = distillation_diagnostics(Z, mask, student, y, teacher_probs=q)
+    # The same names as training logs them: one set, from metrics.AGREEMENT_FIGURES.
+    assert set(out) == set(AGREEMENT_FIGURES)
     assert out["ptar"] >= out["certified_ptar"]
     assert all(isinstance(v, float) for v in out.values())
+    per_request = agreement_per_request(student, y, student_logits=Z, candidate_mask=mask, teacher_probs=q)
+    for name, values in per_request.items():
+        assert out[name] == pytest.approx(batch_mean(values)), name
+    top2 = q.topk(2, dim=-1).values
+    assert out["teacher_margin"] == pytest.approx(float((top2[..., 0] - top2[..., 1]).mean()))
+    cert = stability_certificate(q, prefix_masked_probs(Z, mask, y), path=y)
+    assert out["certified_step_share"] == pytest.approx(float((cert.certified.double().sum(1) / L).mean()))
+
+
+def test_agreement_without_logits_or_teacher_probs_has_only_page_figures() -> None:
+    s = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    t = torch.tensor([[0, 1, 3, 2], [3, 2, 1, 0]])
+    out = agreement_per_request(s, t)
+    assert set(out) == {"ptar", "ptar@4", "exact_page"}
+    assert out["ptar"].tolist() == [0.5, 1.0] and out["exact_page"].tolist() == [0.0, 1.0]
+    with pytest.raises(DataError, match="candidate_mask"):
+        agreement_per_request(s, t, student_logits=torch.zeros(2, 4, 5))
+    # A short request: its absent position is not counted in the teacher margin.
+    q = torch.tensor([[[0.7, 0.2, 0.1, 0.0]] * 4, [[0.5, 0.5, 0.0, 0.0]] * 4], dtype=torch.float64)
+    pm = torch.tensor([[True, True, True, False], [True] * 4])
+    margin = agreement_per_request(s, t, pm, teacher_probs=q)["teacher_margin"]
+    torch.testing.assert_close(margin, torch.tensor([0.5, 0.0], dtype=torch.float64))

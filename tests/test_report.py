@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from dualrerank.errors import DataError
+from dualrerank.metrics import FIGURES, LOGGED_KEYS, describe_key
 from dualrerank.report import (
+    BAR_METRICS,
+    EXPERIMENT_COLUMNS,
     find_curve_keys,
+    key_glossary,
     markdown_table,
     plot_bars,
     plot_curves,
@@ -199,6 +203,10 @@ def test_write_experiment_report(tmp_path):
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     assert "exact_page" not in header  # a column null/missing everywhere is dropped
     assert "normalized_utility_std" not in header
+    # The columns are explained with the meanings of the one list of logged names.
+    glossary = md[md.index("Columns:"):]
+    for column in ("normalized_utility", "ndcg@10", "ptar", "latency_ms_p50", "params"):
+        assert f"- `{column}`: {FIGURES[column]}\n" in glossary, column
     assert _no_temp_files(out)
 
 
@@ -238,6 +246,10 @@ def test_write_run_report(tmp_path):
     assert "best epoch: 5" in md and "epochs recorded: 6" in md and "seed: 3" in md
     assert "99.0000" in md and "(checkpoint/)" in md and "(curves.png)" in md
     assert _is_png(run / "curves.png") and _no_temp_files(run)
+    glossary = md[md.index("Columns:"):]
+    assert f"- `train_loss`: {LOGGED_KEYS['train_loss']}\n" in glossary
+    assert f"- `valid_ptar`: {describe_key('valid_ptar')}\n" in glossary
+    assert "- `train_kd`: not in the list of logged names" in glossary  # undocumented keys show up
 
 
 def test_write_run_report_errors(tmp_path):
@@ -258,3 +270,15 @@ def test_write_run_report_with_no_epochs(tmp_path):
     run = _run_dir(tmp_path, [])
     md = write_run_report(run, "fresh").read_text()
     assert "No epochs recorded" in md and not (run / "curves.png").exists()
+
+
+def test_report_columns_are_logged_names():
+    for name in EXPERIMENT_COLUMNS[1:] + BAR_METRICS:
+        assert name in FIGURES, name
+    assert EXPERIMENT_COLUMNS[0] == "model" and "model" in LOGGED_KEYS
+    assert key_glossary(["ptar", "valid_gauc", "ptar_std", "nonsense", "ptar"]) == [
+        f"- `ptar`: {FIGURES['ptar']}",
+        f"- `valid_gauc`: {describe_key('valid_gauc')}",
+        f"- `ptar_std`: {describe_key('ptar_std')}",
+        "- `nonsense`: not in the list of logged names (docs/metrics.md)",
+    ]

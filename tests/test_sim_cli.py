@@ -38,7 +38,16 @@ def test_simulate_writes_logs_and_summary(tmp_path, capsys):
     for check in ("oracle_beats_upstream_by_10pct", "upstream_beats_random", "pointwise_oracle_at_most_0_7"):
         assert isinstance(summary["calibration"][check], bool)
     assert summary["requests"] == 60 and summary["page_length"] == 6
-    assert summary["normalized_utility"]["oracle"] == pytest.approx(1.0)
+    # Every policy's normalized utility is the same affine map of its mean utility (one
+    # random/oracle reference for all, ratio of sums over the same requests): the points
+    # (U, NU) lie on one line through the random and upstream policies' points.
+    u, nu = summary["utility"], summary["normalized_utility"]
+    slope = (u["upstream"] - u["random"]) / (nu["upstream"] - nu["random"])
+    for policy in u:
+        assert u[policy] == pytest.approx(u["random"] + slope * (nu[policy] - nu["random"]), rel=1e-4), policy
+    # The beam oracle is the best policy, and a uniformly random page is worth about 0.
+    assert max(u, key=u.get) == "oracle" and max(nu, key=nu.get) == "oracle"
+    assert abs(nu["random"]) < 0.1
 
     batch = load_logs(tmp_path / "run")
     assert batch.batch_size == 60 and batch.logged_page.shape == (60, 6)
@@ -66,11 +75,16 @@ def test_simulate_is_byte_identical_for_the_same_seed(tmp_path, capsys):
     assert (tmp_path / "c" / "logs.safetensors").read_bytes() != (tmp_path / "a" / "logs.safetensors").read_bytes()
 
 
-def test_simulate_with_control_config(tmp_path, capsys):
+def test_simulate_with_control_config_writes_nothing_without_out(tmp_path, capsys, monkeypatch):
+    # Run from an empty working directory: a default output folder would land here.
+    monkeypatch.chdir(tmp_path)
     assert main(["simulate", "--requests", "40", "--config", str(CONFIGS / "control.yaml"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["normalized_utility"]["pointwise_oracle"] > 0.9
-    assert not list(tmp_path.iterdir())  # nothing written without --out
+    assert not list(tmp_path.rglob("*")), "simulate wrote files without --out"
+    # The same command with a relative --out writes there, so the check above can see a write.
+    assert main(["simulate", "--requests", "40", "--config", str(CONFIGS / "control.yaml"), "--out", "run"]) == 0
+    assert (tmp_path / "run" / "summary.json").is_file()
 
 
 @pytest.mark.parametrize(

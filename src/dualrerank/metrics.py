@@ -42,6 +42,7 @@ __all__ = [
     "auc",
     "per_request_auc",
     "grouped_auc",
+    "auc_figures",
     "ptar",
     "unmasked_argmax",
     "collapse_rate",
@@ -52,8 +53,150 @@ __all__ = [
     "prefix_masked_probs",
     "Certificate",
     "stability_certificate",
+    "agreement_per_request",
     "distillation_diagnostics",
+    "AGREEMENT_FIGURES",
+    "FIGURES",
+    "RUN_FIELDS",
+    "SUMMARY_FIELDS",
+    "EPOCH_KEYS",
+    "DERIVED_KEYS",
+    "LOGGED_KEYS",
+    "describe_key",
 ]
+
+# ---------------------------------------------------------------------------- logged names
+# The one list of the names training, evaluation, distillation and the experiment write
+# (metrics.jsonl, eval.json, `evaluate --json`, summary.json): the code computes these
+# keys, the report explains its columns with these meanings, and docs/metrics.md shows
+# these tables (tests/test_metric_names.py checks all three, and that every name here is
+# produced by a real run).
+
+#: Figures of a model on a split: eval.json, `evaluate --json`, summary.json rows and
+#: per_seed; figures computed every epoch also appear as `valid_<figure>` in metrics.jsonl.
+FIGURES: dict[str, str] = {
+    "utility": "mean exact expected utility of the served pages under the world's user model, in world units (splits with a world)",
+    "normalized_utility": "utility on a scale where a random page is 0 and the beam-search oracle 1, ratio of sums over the requests; below 0 is worse than random",
+    "ndcg@4": "NDCG@4 of the served pages against graded labels (LETOR/MSLR), or clicks where no world scores pages (MIND): gain 2^rel - 1, log2 discount",
+    "ndcg@10": "the same at cut-off 10",
+    "auc": "pooled ROC AUC of the model's item click scores over every shown (request, item) pair against its logged click (score-and-sort models and the evaluator, on splits with logged clicks)",
+    "gauc": "per-request AUC of the same scores, averaged with impression weights over the requests with both a clicked and an unclicked item",
+    "ptar": "PTAR@L: share of positions where the model's greedy page equals the teacher's greedy page (list generators, against the teacher of the same seed)",
+    "ptar@4": "PTAR over the first 4 positions (the first viewport of the two-column feed)",
+    "exact_page": "share of requests whose whole greedy page equals the teacher's",
+    "teacher_margin": "mean over the teacher's greedy steps of its top-1 minus top-2 step probability at temperature 1 (how concentrated the teacher is)",
+    "collapse_rate": "share of requests where two of the model's unmasked row argmaxes pick the same candidate (models with position x item logits)",
+    "collision_share": "share of positions whose unmasked row argmax repeats an earlier row's (graded collapse, at most (L-1)/L)",
+    "mean_row_js": "mean Jensen-Shannon divergence between the model's position rows, nats in [0, ln 2] (near 0: the rows are alike)",
+    "mean_row_entropy": "mean entropy of the model's position rows, nats in [0, ln n]",
+    "certified_prefix": "mean number of leading positions at which the stability certificate proves the student picks the teacher's item",
+    "certified_ptar": "the certificate's lower bound on PTAR@L, certified_prefix / L (observed ptar is never below it)",
+    "certified_ptar@4": "the certificate's lower bound on PTAR@4",
+    "certified_step_share": "mean over requests of the share of steps certified, leading or not",
+    "latency_ms_p50": "median milliseconds to rerank one request at batch size 1 (requests with at least L candidates)",
+    "latency_ms_p99": "99th percentile of the same",
+    "params": "number of model parameters (null for tree models)",
+}
+
+#: Keys of a metrics.jsonl line (one per epoch); `train_*` are means over the epoch's
+#: training requests, before the term's weight.
+EPOCH_KEYS: dict[str, str] = {
+    "epoch": "1-based epoch number (a resumed run continues the count)",
+    "seconds": "wall-clock seconds of the epoch (metrics.jsonl) or of the row's whole run (summary.json per_seed)",
+    "best": "whether this epoch's valid_score is the best so far (its model is the saved checkpoint)",
+    "train_loss": "the full training loss",
+    "train_mle": "list generators: teacher-forced likelihood loss of the target pages",
+    "train_bpr": "AR teacher: the pairwise BPR term",
+    "train_kd_loss": "distill: position-weighted KL(q_t ‖ p_t) before tau^2 (0 with soft: false)",
+    "train_kd_ce": "distill: position-weighted cross-entropy of the student's rows on the teacher's path items",
+    "train_kd_unlikelihood": "distill: the unlikelihood term on the student's unmasked rows",
+    "train_hard_ce": "distill with soft: false: likelihood loss of the teacher's paths under sequential masking",
+    "train_supervised": "distill with supervised_weight > 0: the student's likelihood loss of the logged targets",
+    "valid_score": "what picks the best epoch and drives early stopping: normalized utility (else NDCG@10) in train, select_by in distill",
+    "valid_loss": "evaluator: its click and long-view BCE on the validation requests (valid_score is minus this)",
+}
+
+#: Keys of eval.json and `evaluate --json` besides the figures.
+RUN_FIELDS: dict[str, str] = {
+    "model": "what was evaluated: the registry model name (train), student_skd or nar_direct (distill), the row name (summary.json)",
+    "split": "the held-out split evaluated: test, or valid with evaluate --split valid",
+    "page_length": "page length L the pages were decoded and scored at",
+    "teacher": "distill: the teacher checkpoint or run directory the student learnt from",
+    "teacher_utility": "distill: the teacher's utility on the same test requests",
+    "teacher_normalized_utility": "distill: the teacher's normalized utility on the same test requests",
+    "teacher_ndcg@10": "distill: the teacher's NDCG@10 on the same test requests",
+    "checkpoint": "evaluate: the checkpoint given",
+    "source": "evaluate: the data source",
+    "requests": "number of requests evaluated (evaluate) or timed (summary.json latency)",
+    "data_seed": "evaluate: the data seed of the split evaluated (the run's, unless --data-seed)",
+    "phase_seconds": "wall-clock seconds of each phase of the run (data, evaluator, targets, model, test), this process only",
+    "train_seconds": "wall-clock seconds of the run's phases except the test evaluation",
+}
+
+#: Keys of an experiment's summary.json (its `config` is the ExperimentConfig, whose keys
+#: `--help` documents).
+SUMMARY_FIELDS: dict[str, str] = {
+    "title": "the report's title",
+    "commands": "the command line(s) that produced the experiment",
+    "notes": "comparisons derived from the rows (student vs teacher utility, collapse, latency)",
+    "rows": "one row per model: every figure as the mean over seeds, its `_std`, the model and seeds",
+    "plots": "PNG files written next to summary.json",
+    "non_finite": "figures that were NaN or infinite, stored as null",
+    "config": "the full experiment config",
+    "rows_run": "the rows run, dependencies included, in run order",
+    "latency": "student_skd vs teacher latency at batch size 1, timed alternately (keys latency.*)",
+    "per_seed": "per row, one record per seed: the run's eval.json figures, seed, seconds, trained",
+    "seeds": "number of training seeds a summary row averages",
+    "seed": "the training seed of a per_seed record",
+    "trained": "whether the per_seed record was trained now (false: read back with --reuse)",
+    "latency.batch_size": "requests per timed call (1)",
+    "latency.page_length": "page length L timed",
+    "latency.candidates_median": "median number of candidates of the timed requests",
+    "latency.requests": "requests timed per round",
+    "latency.threads": "torch intra-op threads while timing",
+    "latency.teacher_ms_p50": "the teacher's median milliseconds per request, mean over seeds",
+    "latency.student_ms_p50": "the student's median milliseconds per request, mean over seeds",
+    "latency.ratio": "student over teacher latency, mean over seeds (below 1: the student is faster)",
+    "latency.per_seed": "the same per training seed: seed, teacher_ms_p50, student_ms_p50, ratio",
+    "best_tree": "the best tree row (lambdamart, catboost) and student_skd measured against it (keys best_tree.*)",
+    "best_tree.key": "the figure compared: ndcg@10 where the data has real labels, else normalized_utility",
+    "best_tree.row": "the tree row with the highest mean of that figure",
+    "best_tree.mean": "its mean over seeds",
+    "best_tree.std": "its standard deviation over seeds (null with one seed)",
+    "best_tree.others": "the other tree rows' means, by row",
+    "best_tree.student_skd": "student_skd's mean of the same figure",
+    "best_tree.student_skd_std": "its standard deviation over seeds",
+    "best_tree.margin": "the larger of the two standard deviations (0 with one seed)",
+    "best_tree.student_within_one_std_or_above": "whether student_skd >= the best tree row's mean minus the margin",
+}
+
+#: Keys built from a figure's name.
+DERIVED_KEYS: dict[str, str] = {
+    "valid_<figure>": "the figure on the validation requests after every epoch (metrics.jsonl)",
+    "<figure>_std": "sample standard deviation of the figure over training seeds (summary.json rows; null with one seed)",
+}
+
+#: Every literal logged name and its meaning.
+LOGGED_KEYS: dict[str, str] = {**FIGURES, **EPOCH_KEYS, **RUN_FIELDS, **SUMMARY_FIELDS}
+
+#: The student-vs-teacher agreement figures (`agreement_per_request`), in table order.
+AGREEMENT_FIGURES: tuple[str, ...] = (
+    "ptar", "ptar@4", "exact_page", "teacher_margin", "collapse_rate", "collision_share", "mean_row_js",
+    "mean_row_entropy", "certified_prefix", "certified_ptar", "certified_ptar@4", "certified_step_share",
+)
+
+
+def describe_key(key: str) -> str | None:
+    """The documented meaning of a logged key (a literal name, `valid_<figure>` or
+    `<figure>_std`); None for a key nobody documented."""
+    if key in LOGGED_KEYS:
+        return LOGGED_KEYS[key]
+    if key.startswith("valid_") and key[len("valid_"):] in FIGURES:
+        return f"{FIGURES[key[len('valid_'):]]}; on the validation requests, every epoch"
+    if key.endswith("_std") and key[: -len("_std")] in FIGURES:
+        return f"standard deviation over seeds of: {FIGURES[key[: -len('_std')]]}"
+    return None
+
 
 ZeroIdcgRule = Literal["zero", "one", "nan"]
 TieRule = Literal["index", "pessimistic", "optimistic"]
@@ -406,13 +549,45 @@ def per_request_auc(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
     return torch.where(ok, u_stat / torch.where(ok, P * N, 1.0), math.nan)
 
 
-def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Grouped AUC: mean over requests of `per_request_auc`, skipping single-class requests.
+def grouped_auc(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    weights: Literal["impressions", "uniform"] = "impressions",
+) -> float:
+    """Grouped AUC (GAUC): the per-request AUCs averaged over requests with both classes.
+
+    `GAUC = sum_b w_b AUC_b / sum_b w_b` over requests with a positive and a negative.
+    ``weights="impressions"`` (default, as in the DIN paper's GAUC) weighs a request by its
+    number of valid items, so a request with many shown items counts more than one with
+    two; ``"uniform"`` weighs every request the same.
 
     Args: as `per_request_auc` (`[B, n]` each). Returns a float (NaN if every request
     has a single class).
     """
-    return batch_mean(per_request_auc(scores, labels, mask))
+    values = per_request_auc(scores, labels, mask)
+    if weights == "uniform":
+        return batch_mean(values)
+    if weights != "impressions":
+        raise DataError(f"weights: {weights!r} is not one of ['impressions', 'uniform']")
+    valid = _mask("mask", mask, tuple(values.shape) + (scores.shape[1],), values.device)
+    return batch_mean(values, valid.sum(dim=1).to(_F))
+
+
+def auc_figures(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """The logged `auc` and `gauc` of item scores against binary labels.
+
+    `auc` pools every valid (request, item) pair into one ROC AUC (`auc`); `gauc` is
+    `grouped_auc` with impression weights. Both NaN where undefined (a single class).
+
+    Args: as `per_request_auc` (`[B, n]` each).
+    """
+    scores = _tensor("scores", scores, 2, "[B, n]")
+    valid = _mask("mask", mask, tuple(scores.shape), scores.device)
+    labels = _tensor("labels", labels, 2, "[B, n]")
+    _same_shape("labels", labels, tuple(scores.shape), "scores'")
+    return {"auc": auc(scores[valid], labels[valid]), "gauc": grouped_auc(scores, labels, valid)}
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -445,7 +620,7 @@ def ptar(
         a dict with per-request `[B]` float64 tensors
           * ``"ptar"``: share of existing positions t <= L where the pages agree,
           * ``f"ptar@{k}"``: the same over existing positions t <= k,
-          * ``"exact_match"``: 1.0 when every existing position agrees, else 0.0,
+          * ``"exact_page"``: 1.0 when every existing position agrees, else 0.0,
         (NaN for a request with no existing position), ``"agree"`` `[B, L]` bool, and the
         batch means as floats under the same names with a ``"_mean"`` suffix.
     """
@@ -467,8 +642,8 @@ def ptar(
 
     full = share(pm)
     exact = torch.where(torch.isnan(full), math.nan, (full == 1.0).to(_F))
-    out: dict[str, torch.Tensor | float] = {"ptar": full, f"ptar@{k}": share(head), "exact_match": exact, "agree": agree}
-    for name in ("ptar", f"ptar@{k}", "exact_match"):
+    out: dict[str, torch.Tensor | float] = {"ptar": full, f"ptar@{k}": share(head), "exact_page": exact, "agree": agree}
+    for name in ("ptar", f"ptar@{k}", "exact_page"):
         out[f"{name}_mean"] = batch_mean(out[name])  # type: ignore[arg-type]
     return out
 
@@ -708,15 +883,24 @@ class Certificate:
         denom = self.length.clamp(max=k).to(_F)
         return torch.where(denom > 0, self.prefix.clamp(max=k).to(_F) / denom.clamp_min(1.0), math.nan)
 
-    def summary(self, k: int = 4) -> dict[str, float]:
-        """Batch means under the names logged by training (docs/metrics.md)."""
-        steps = self.length.sum()
+    def step_share(self) -> torch.Tensor:
+        """`[B]` share of each request's existing steps that are certified, leading or not
+        (NaN if L_b = 0)."""
+        steps = self.length.to(_F)
+        return torch.where(steps > 0, self.certified.sum(dim=1).to(_F) / steps.clamp_min(1.0), math.nan)
+
+    def per_request(self, k: int = 4) -> dict[str, torch.Tensor]:
+        """`[B]` figures under the names logged by training (docs/metrics.md)."""
         return {
-            "certified_prefix": batch_mean(self.prefix.to(_F)),
-            "certified_ptar": batch_mean(self.ptar_lower),
-            f"certified_ptar@{k}": batch_mean(self.ptar_lower_at(k)),
-            "certified_step_share": float(self.certified.sum() / steps) if int(steps) > 0 else math.nan,
+            "certified_prefix": self.prefix.to(_F),
+            "certified_ptar": self.ptar_lower,
+            f"certified_ptar@{k}": self.ptar_lower_at(k),
+            "certified_step_share": self.step_share(),
         }
+
+    def summary(self, k: int = 4) -> dict[str, float]:
+        """Batch means (each request counts once) of `per_request`."""
+        return {name: batch_mean(values) for name, values in self.per_request(k).items()}
 
 
 def stability_certificate(
@@ -818,6 +1002,72 @@ def stability_certificate(
 
 
 # ---------------------------------------------------------------------------- all at once
+def agreement_per_request(
+    student_page: torch.Tensor,
+    teacher_page: torch.Tensor,
+    page_mask: torch.Tensor | None = None,
+    *,
+    student_logits: torch.Tensor | None = None,
+    candidate_mask: torch.Tensor | None = None,
+    teacher_probs: torch.Tensor | None = None,
+    k: int = 4,
+    margin: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """Every student-vs-teacher agreement figure, per request, under its logged name.
+
+    The one place these figures are computed: `distillation_diagnostics` and
+    `train.distill.agreement_figures` both average this dict. Which figures exist depends
+    on what the caller has:
+
+      * always: ``ptar``, ``ptar@k``, ``exact_page``;
+      * with `teacher_probs` (the teacher's step distributions q_t along `teacher_page`):
+        ``teacher_margin``, the mean over existing steps of q_t's top-1 minus top-2;
+      * with `student_logits` (position x item rows Z, which score-and-sort models and AR
+        decoders lack): ``collapse_rate``, ``collision_share``, ``mean_row_js``,
+        ``mean_row_entropy``;
+      * with both: the stability certificate, ``certified_prefix``, ``certified_ptar``,
+        ``certified_ptar@k``, ``certified_step_share`` (student rows masked by the
+        teacher prefix, temperature 1).
+
+    Args:
+        student_page, teacher_page: `[B, L]` greedy pages.
+        page_mask: `[B, L]` existing positions (left-aligned when `teacher_probs` is given).
+        student_logits: `[B, L, n]` the student's rows; needs `candidate_mask` `[B, n]`.
+        teacher_probs: `[B, L, n]` q_t along `teacher_page`.
+        k: short PTAR cut-off.
+        margin: the certificate's safety margin.
+
+    Returns:
+        name -> `[B]` float64 (NaN where a request has no existing position).
+    """
+    agree = ptar(student_page, teacher_page, page_mask, k=k)
+    out: dict[str, torch.Tensor] = {name: agree[name] for name in ("ptar", f"ptar@{k}", "exact_page")}  # type: ignore[misc]
+    B, L = student_page.shape
+    pm = _mask("page_mask", page_mask, (B, L), student_page.device)
+    if teacher_probs is not None:
+        q = _tensor("teacher_probs", teacher_probs, 3, "[B, L, n]")
+        if tuple(q.shape[:2]) != (B, L):
+            raise DataError(f"teacher_probs: shape {tuple(q.shape)} does not match the pages' {(B, L)}")
+        top = q.to(_F).topk(min(2, q.shape[-1]), dim=-1).values
+        step_margin = top[..., 0] - (top[..., 1] if top.shape[-1] > 1 else 0.0)
+        steps = pm.sum(dim=1).to(_F)
+        out["teacher_margin"] = torch.where(
+            steps > 0, torch.where(pm, step_margin, 0.0).sum(dim=1) / steps.clamp_min(1.0), math.nan
+        )
+    if student_logits is not None:
+        if candidate_mask is None:
+            raise DataError("candidate_mask: needed with student_logits")
+        out["collapse_rate"] = collapse_rate(student_logits, candidate_mask, page_mask)
+        out["collision_share"] = collision_share(student_logits, candidate_mask, page_mask)
+        out["mean_row_js"] = mean_row_js(student_logits, candidate_mask, page_mask)
+        out["mean_row_entropy"] = mean_row_entropy(student_logits, candidate_mask, page_mask)
+        if teacher_probs is not None:
+            p = prefix_masked_probs(student_logits, candidate_mask, teacher_page, page_mask)
+            cert = stability_certificate(teacher_probs, p, page_mask, path=teacher_page, margin=margin)
+            out.update(cert.per_request(k))
+    return out
+
+
 def distillation_diagnostics(
     student_logits: torch.Tensor,
     candidate_mask: torch.Tensor,
@@ -831,29 +1081,26 @@ def distillation_diagnostics(
 ) -> dict[str, float]:
     """The student-vs-teacher diagnostics a training loop logs, as batch means.
 
+    Batch means (each request counts once, NaN requests left out) of
+    `agreement_per_request`, under the same names.
+
     Args:
         student_logits: `[B, L, n]` the student's row logits Z.
         candidate_mask: `[B, n]`.
         student_page, teacher_page: `[B, L]` greedy pages; page_mask `[B, L]`
             (left-aligned when `teacher_probs` is given).
         teacher_probs: optional `[B, L, n]` teacher step distributions q_t along
-            `teacher_page`; adds the stability certificate (student rows masked by the
-            teacher prefix, temperature 1).
+            `teacher_page`; adds ``teacher_margin`` and the stability certificate.
         k: short PTAR cut-off.
 
     Returns:
-        floats named ``ptar``, ``ptar@k``, ``exact_match``, ``collapse_rate``,
-        ``collision_share``, ``row_js``, ``row_entropy`` and, with `teacher_probs`,
-        ``certified_prefix``, ``certified_ptar``, ``certified_ptar@k``, ``certified_step_share``.
+        floats named ``ptar``, ``ptar@k``, ``exact_page``, ``collapse_rate``,
+        ``collision_share``, ``mean_row_js``, ``mean_row_entropy`` and, with
+        `teacher_probs`, ``teacher_margin``, ``certified_prefix``, ``certified_ptar``,
+        ``certified_ptar@k``, ``certified_step_share``.
     """
-    agreement = ptar(student_page, teacher_page, page_mask, k=k)
-    out = {name: float(agreement[f"{name}_mean"]) for name in ("ptar", f"ptar@{k}", "exact_match")}  # type: ignore[arg-type]
-    out["collapse_rate"] = batch_mean(collapse_rate(student_logits, candidate_mask, page_mask))
-    out["collision_share"] = batch_mean(collision_share(student_logits, candidate_mask, page_mask))
-    out["row_js"] = batch_mean(mean_row_js(student_logits, candidate_mask, page_mask))
-    out["row_entropy"] = batch_mean(mean_row_entropy(student_logits, candidate_mask, page_mask))
-    if teacher_probs is not None:
-        p = prefix_masked_probs(student_logits, candidate_mask, teacher_page, page_mask)
-        cert = stability_certificate(teacher_probs, p, page_mask, path=teacher_page, margin=margin)
-        out.update(cert.summary(k))
-    return out
+    figures = agreement_per_request(
+        student_page, teacher_page, page_mask, student_logits=student_logits, candidate_mask=candidate_mask,
+        teacher_probs=teacher_probs, k=k, margin=margin,
+    )
+    return {name: batch_mean(values) for name, values in figures.items()}

@@ -8,8 +8,12 @@ Two entry points write a whole report:
   model: figures, optionally with a `<name>_std` sibling for the spread over seeds; `null`
   where a figure does not apply), `report.md` and the bar and curve plots.
 
-The building blocks (`read_metrics`, `markdown_table`, `plot_curves`, `plot_bars`) are pure
-functions of their arguments. Every file is written atomically (temp file in the same
+Both reports end their tables with a glossary of the columns (`key_glossary`), whose
+meanings come from `metrics.LOGGED_KEYS`, the one list of logged names that
+docs/metrics.md also shows; so a report never explains a column differently from the docs.
+
+The building blocks (`read_metrics`, `markdown_table`, `key_glossary`, `plot_curves`,
+`plot_bars`) are pure functions of their arguments. Every file is written atomically (temp file in the same
 folder, then rename), so a crash never leaves a half-written report or plot behind.
 
 Plots draw on a bare `matplotlib.figure.Figure` with the Agg canvas rather than through
@@ -32,7 +36,8 @@ from dualrerank.files import atomic_write
 STD_SUFFIX = "_std"
 MISSING = "–"
 
-#: Column order of the experiment table; other scalar keys found in the rows follow.
+#: Column order of the experiment table (names of `metrics.FIGURES`); other scalar keys
+#: found in the rows follow.
 EXPERIMENT_COLUMNS = (
     "model",
     "normalized_utility",
@@ -182,6 +187,19 @@ def markdown_table(
     out.append(line(("-" * (w - 1) + ":") if numeric[j] else (":" + "-" * (w - 1)) for j, w in enumerate(widths)))
     out.extend(line(pad(t, j) for j, t in enumerate(r)) for r in cells)
     return "\n".join(out)
+
+
+def key_glossary(keys: Iterable[str]) -> list[str]:
+    """Markdown lines `- `key`: meaning` for `keys` (first occurrence order), with the
+    meanings of `metrics.describe_key`; a key missing from that list says so, so that an
+    undocumented column shows up in the report instead of passing silently."""
+    from dualrerank.metrics import describe_key  # torch-backed: imported on first use
+
+    lines = []
+    for key in dict.fromkeys(keys):
+        meaning = describe_key(key)
+        lines.append(f"- `{key}`: {meaning if meaning is not None else 'not in the list of logged names (docs/metrics.md)'}")
+    return lines
 
 
 # --------------------------------------------------------------------------- files
@@ -447,6 +465,7 @@ def write_experiment_report(
             md += ["Cells read mean ± std over seeds; – means not applicable.", ""]
         else:
             md += ["– means not applicable.", ""]
+        md += ["Columns:", "", *key_glossary(c for c in columns if c != "model"), ""]
     else:
         md += ["No results.", ""]
     if non_finite:
@@ -528,6 +547,7 @@ def write_run_report(run_dir: Path, title: str) -> Path:
         if len(shown) < len(records):
             md += [f"Latest {len(shown)} of {len(records)}; all of them are in metrics.jsonl.", ""]
         md += [markdown_table(shown, columns), ""]
+        md += ["Columns:", "", *key_glossary(c for c in columns if c != x), ""]
 
     config = run_dir / "config.yaml"
     if config.is_file():

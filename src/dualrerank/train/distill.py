@@ -45,16 +45,7 @@ from dualrerank.decoding import masked_greedy, placed_before
 from dualrerank.errors import CheckpointError, ConfigError
 from dualrerank.files import write_json
 from dualrerank.losses import kd_loss, mle_loss, position_weights
-from dualrerank.metrics import (
-    batch_mean,
-    collapse_rate,
-    collision_share,
-    mean_row_entropy,
-    mean_row_js,
-    prefix_masked_probs,
-    ptar,
-    stability_certificate,
-)
+from dualrerank.metrics import AGREEMENT_FIGURES, agreement_per_request, batch_mean
 from dualrerank.models.checkpoint import load_checkpoint, load_checkpoint_of_kind, save_checkpoint
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import evaluate, rerank_all
@@ -335,43 +326,18 @@ def teacher_reference(teacher: nn.Module, batch: RerankBatch, L: int) -> Teacher
 
 @torch.no_grad()
 def reference_agreement(student: Any, ref: TeacherReference, batch: RerankBatch) -> dict[str, float | None]:
-    """`agreement_figures` against a precomputed `TeacherReference` of `batch`."""
+    """`agreement_figures` against a precomputed `TeacherReference` of `batch`: the
+    figures of `metrics.agreement_per_request`, averaged over requests, under its names."""
     has_logits = callable(getattr(student, "logits", None))
-    keys = ("ptar", "ptar@4", "exact_page", "teacher_margin")
-    logit_keys = ("collapse_rate", "collision_share", "mean_row_js", "mean_row_entropy",
-                  "certified_ptar", "certified_ptar@4", "certified_prefix", "certified_step_share")
-    acc: dict[str, list[torch.Tensor]] = {k: [] for k in keys + logit_keys}
+    acc: dict[str, list[torch.Tensor]] = {}
     for (length, idx), tpage, q in zip(ref.groups, ref.pages, ref.probs):
         sub = batch.select(idx)
-        cmask = sub.candidate_mask
-        if has_logits:
-            z = student.logits(sub, length)
-            page = masked_greedy(z, cmask, validate=False)
-        else:
-            page = student.rerank(sub, length)
-        agree = ptar(page, tpage, k=4)
-        acc["ptar"].append(agree["ptar"])
-        acc["ptar@4"].append(agree["ptar@4"])
-        acc["exact_page"].append(agree["exact_match"])
-        top = q.topk(min(2, q.shape[-1]), dim=-1).values
-        margin = top[..., 0] - (top[..., 1] if top.shape[-1] > 1 else 0.0)
-        acc["teacher_margin"].append(margin.double().mean(dim=1))
-        if has_logits:
-            acc["collapse_rate"].append(collapse_rate(z, cmask))
-            acc["collision_share"].append(collision_share(z, cmask))
-            acc["mean_row_js"].append(mean_row_js(z, cmask))
-            acc["mean_row_entropy"].append(mean_row_entropy(z, cmask))
-            # p_t as decoding uses it: the student's rows masked by the teacher's prefix.
-            p = prefix_masked_probs(z, cmask, tpage)
-            cert = stability_certificate(q, p, path=tpage)
-            acc["certified_ptar"].append(cert.ptar_lower)
-            acc["certified_ptar@4"].append(cert.ptar_lower_at(4))
-            acc["certified_prefix"].append(cert.prefix.double())
-            acc["certified_step_share"].append(cert.certified.sum(1).double() / cert.length.clamp_min(1).double())
-    out: dict[str, float | None] = {}
-    for k, parts in acc.items():
-        out[k] = batch_mean(torch.cat(parts)) if parts else None
-    return out
+        z = student.logits(sub, length) if has_logits else None
+        page = masked_greedy(z, sub.candidate_mask, validate=False) if z is not None else student.rerank(sub, length)
+        figures = agreement_per_request(page, tpage, student_logits=z, candidate_mask=sub.candidate_mask, teacher_probs=q)
+        for name, values in figures.items():
+            acc.setdefault(name, []).append(values)
+    return {name: batch_mean(torch.cat(acc[name])) if name in acc else None for name in AGREEMENT_FIGURES}
 
 
 def agreement_figures(student: Any, teacher: Any, batch: RerankBatch, L: int) -> dict[str, float | None]:

@@ -3,8 +3,11 @@ against real labels, and latency.
 
 A split may carry a world (the simulated world, or real lists placed in it by
 `sim.real_lists`): then pages are scored by exact expected utility and normalized utility.
-Graded labels (LETOR/MSLR) give NDCG@4/@10; MIND clicks give NDCG and AUC on real
-feedback where a model exposes scores.
+Graded labels (LETOR/MSLR) give NDCG@4/@10, and so do MIND clicks where no world scores
+pages. Where the split logs clicks of the items it showed (MIND impressions; the simulated
+logs of the held-out requests) and the model gives every shown item a click score
+(`click_scorer`: score-and-sort models, the list-wise evaluator), `auc` and `gauc` measure
+those scores against the clicks. The names of every figure are `metrics.FIGURES`'.
 
 Requests shorter than the page length are ranked completely: requests are grouped by
 `min(valid candidates, L)` and each group decoded at its own length (a loop over at most
@@ -20,10 +23,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dualrerank.metrics import batch_mean, ndcg_at_k
+from dualrerank.metrics import auc_figures, batch_mean, ndcg_at_k
 from dualrerank.schema import RerankBatch
 
 RerankFn = Callable[[RerankBatch, int], torch.Tensor]
+#: `batch -> [B, L]` a click score for each position of the batch's logged page, NaN where
+#: the model gives none (see `click_scorer`).
+ClickScoreFn = Callable[[RerankBatch], torch.Tensor]
 
 
 @dataclass
@@ -116,10 +122,106 @@ def latency_ms(rerank: RerankFn, batch: RerankBatch, L: int, requests: int = 50,
     return {"latency_ms_p50": float(np.percentile(arr, 50)), "latency_ms_p99": float(np.percentile(arr, 99))}
 
 
-def evaluate(rerank: RerankFn, split: EvalSplit, L: int, timing: bool = True) -> dict[str, float | None]:
-    """All offline figures of one reranker on one split."""
+def logged_clicks(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(clicked [B, L], shown [B, L])` bool along the logged page, or None where the batch
+    logs no click column for the items it showed.
+
+    The click comes from `logged_feedback` (else from `labels`, gathered along the page).
+    A click is a value > 0, so a click column reported in other units (a rescaled feedback
+    column) still marks the same clicks; a negative or non-finite value at a shown item
+    means the column is not clicks, and there is no AUC.
+    """
+    page = batch.logged_page
+    if page is None:
+        return None
+    if batch.logged_feedback is not None and "click" in batch.feedback_names:
+        clicks = batch.logged_feedback[..., batch.feedback_names.index("click")]
+    elif batch.labels is not None and "click" in batch.label_names:
+        index = page.long().clamp(0, batch.num_candidates - 1)
+        clicks = batch.labels[..., batch.label_names.index("click")].gather(1, index)
+    else:
+        return None
+    shown = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(page, dtype=torch.bool)
+    clicks = clicks.double()
+    if bool(((~torch.isfinite(clicks) | (clicks < 0)) & shown).any()):
+        return None
+    return clicks > 0, shown
+
+
+def click_scorer(model: Any) -> ClickScoreFn | None:
+    """The model's click score of each logged item, for AUC; None where it has none.
+
+    - score-and-sort models (`scores(batch) -> [B, n]`: upstream, DNN, PRM, tree rankers):
+      the item's score, read along the logged page;
+    - the list-wise evaluator: its predicted click probability of each logged item at its
+      logged position given the items above it, the very thing it is trained to predict
+      (positions beyond its `max_positions` get NaN: unscored).
+    List generators (teacher, student, Seq2Slate) score positions, not items: None.
+    """
+    from dualrerank.models.evaluator import ListEvaluator, eval_mode
+
+    if isinstance(model, ListEvaluator):
+        def evaluator_scores(batch: RerankBatch) -> torch.Tensor:
+            page = batch.logged_page.long()
+            pmask = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(page, dtype=torch.bool)
+            keep = min(page.shape[1], model.config.max_positions)
+            out = torch.full(page.shape, float("nan"), dtype=torch.float64)
+            # A causal model: cutting the page after `keep` positions leaves the first ones' predictions unchanged.
+            with eval_mode(model):
+                out[:, :keep] = model.predict(batch, page[:, :keep], pmask[:, :keep])[..., 0].double()
+            return out
+
+        return evaluator_scores
+    scores = getattr(model, "scores", None)
+    if not callable(scores):
+        return None
+
+    def item_scores(batch: RerankBatch) -> torch.Tensor:
+        index = batch.logged_page.long().clamp(0, batch.num_candidates - 1)
+        if isinstance(model, torch.nn.Module):
+            with eval_mode(model):
+                s = scores(batch)
+        else:
+            s = scores(batch)
+        return s.double().gather(1, index)
+
+    return item_scores
+
+
+def click_metrics(score: ClickScoreFn | None, batch: RerankBatch, chunk: int = 512) -> dict[str, float | None]:
+    """`auc` and `gauc` of `score` against the logged clicks (`metrics.auc_figures`:
+    pooled over every shown item, and per request with impression weights); None where
+    the model has no click scores, the batch logs no clicks, or one class is missing."""
+    out: dict[str, float | None] = {"auc": None, "gauc": None}
+    clicks = logged_clicks(batch)
+    if score is None or clicks is None:
+        return out
+    clicked, shown = clicks
+    parts = []
+    with torch.inference_mode():
+        for s in range(0, batch.batch_size, chunk):
+            parts.append(score(batch.select(torch.arange(s, min(s + chunk, batch.batch_size)))))
+    if not parts:
+        return out
+    scores = torch.cat(parts)
+    scored = shown & ~torch.isnan(scores)
+    figures = auc_figures(torch.where(scored, scores, 0.0), clicked, scored)
+    return {k: (v if v == v else None) for k, v in figures.items()}
+
+
+def evaluate(
+    rerank: RerankFn, split: EvalSplit, L: int, timing: bool = True, *, click_scores: ClickScoreFn | None = None
+) -> dict[str, float | None]:
+    """All offline figures of one reranker on one split (`metrics.FIGURES` names).
+
+    `click_scores` gives the model's click scores for `auc` / `gauc`; by default they come
+    from the model whose bound `rerank` method was passed (`click_scorer`), so that every
+    caller handing `model.rerank` gets them without asking.
+    """
     pages, mask = rerank_all(rerank, split.batch, L, groups=split.groups(L))
     out = page_metrics(split, pages, mask, L)
+    scorer = click_scores if click_scores is not None else click_scorer(getattr(rerank, "__self__", None))
+    out.update(click_metrics(scorer, split.batch))
     if timing:
         out.update(latency_ms(rerank, split.batch, L))
     return out
