@@ -15,6 +15,10 @@ Conventions (the full list, with formulas, is in docs/metrics.md):
     or pessimistic / optimistic by relevance;
   * entropies and divergences are in nats.
 
+The names under which training, evaluation and the experiment log figures are one list,
+`LOGGED_KEYS` (with `describe_key`), shared by the code, the reports and docs/metrics.md;
+`agreement_per_request` is the one place the student-vs-teacher figures are computed.
+
 This module knows nothing about models, decoding or the simulator.
 """
 

@@ -162,7 +162,8 @@ def click_scorer(model: Any) -> ClickScoreFn | None:
 
     if isinstance(model, ListEvaluator):
         def evaluator_scores(batch: RerankBatch) -> torch.Tensor:
-            page = batch.logged_page.long()
+            # Absent positions may hold any index; clamped, they are only ever masked out.
+            page = batch.logged_page.long().clamp(0, batch.num_candidates - 1)
             pmask = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(page, dtype=torch.bool)
             keep = min(page.shape[1], model.config.max_positions)
             out = torch.full(page.shape, float("nan"), dtype=torch.float64)
