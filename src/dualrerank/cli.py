@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generative list-wise reranking: AR teacher, NAR student, sequential "
         "knowledge distillation, the simulated world, offline evaluation and serving.",
     )
+    from dualrerank import __version__
+
+    parser.add_argument("--version", action="version", version=f"dualrerank {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -44,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`dualrerank ... | head`): stop quietly instead of a
+        # traceback, and keep Python from failing again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        print(f"dualrerank {args.command}: error: output closed early (broken pipe)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ ignored: a typo in a config must not train the wrong model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,14 +25,54 @@ T = TypeVar("T")
 __all__ = ["option", "load_config", "from_dict", "to_dict", "dump_config", "describe_config"]
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, choices: tuple | None = None) -> Any:
-    """A dataclass field carrying help text (and optional allowed values) in its metadata."""
-    meta = {"help": help}
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = None,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field carrying help text, and optionally its allowed values (`choices`) or
+    numeric domain (`ge`/`gt`/`le`/`lt` bounds), in its metadata. The domain is checked once,
+    when a config is loaded (`from_dict`), and shown in `--help`; a float field with a domain
+    must also be finite."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {
+    "ge": lambda v, b: v >= b,
+    "gt": lambda v, b: v > b,
+    "le": lambda v, b: v <= b,
+    "lt": lambda v, b: v < b,
+}
+
+
+def domain_text(bounds: Mapping[str, float]) -> str:
+    """`{'ge': 0, 'lt': 1}` -> '>= 0 and < 1'."""
+    return " and ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in bounds.items())
+
+
+def check_domain(value: Any, bounds: Mapping[str, float], where: str) -> None:
+    """`ConfigError` unless `value` (a number, or None for an optional field) lies in `bounds`."""
+    if value is None or not bounds:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number {domain_text(bounds)}, got {value}")
+    if not all(_BOUND_OK[k](value, b) for k, b in bounds.items()):
+        raise ConfigError(f"{where}: must be {domain_text(bounds)}, got {value}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -121,6 +162,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         choices = f.metadata.get("choices")
         if choices is not None and v not in choices:
             raise ConfigError(f"{where}.{name}: {v!r} is not one of {list(choices)}")
+        check_domain(v, f.metadata.get("bounds", {}), f"{where}.{name}")
         kwargs[name] = v
     try:
         obj = cls(**kwargs)
@@ -145,10 +187,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | 
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config: {p} is a directory; --config takes a YAML file")
         if not p.is_file():
             raise ConfigError(f"config: file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {p} is not UTF-8 text (byte {exc.start}); is it a YAML file?") from None
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {p} ({exc.strerror})") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             at = f" at line {line + 1}" if line is not None else ""
@@ -207,5 +255,7 @@ def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[s
         if dataclasses.is_dataclass(hints[f.name]):
             lines.extend(describe_config(hints[f.name], key + ".", default if default != "required" else None))
             continue
-        lines.append(f"{key} ({default!r}): {f.metadata.get('help', '')}")
+        bounds = f.metadata.get("bounds")
+        domain = f" [{domain_text(bounds)}]" if bounds else ""
+        lines.append(f"{key} ({default!r}){domain}: {f.metadata.get('help', '')}")
     return lines

@@ -22,3 +22,8 @@ class ConfigError(DualRerankError, ValueError):
 
 class CheckpointError(DualRerankError, OSError):
     """A checkpoint directory is missing, incomplete or corrupt."""
+
+
+class TrainingError(DualRerankError, RuntimeError):
+    """Training cannot go on for a reason the user can fix (a diverging loss: too high a
+    learning rate, or features with huge values)."""

@@ -21,12 +21,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        # mkstemp creates 0600 files; the final file gets what the user's umask allows,
+        # as a plain open() would have given it.
+        os.chmod(tmp, umask_mode())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The permission bits a new file (or directory) gets under the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

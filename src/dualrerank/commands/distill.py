@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dualrerank.commands._common import add_config_args, load_run_config, print_json
+from dualrerank.commands._common import (
+    add_config_args,
+    add_run_args,
+    load_run_config,
+    note,
+    print_json,
+    run_data_section,
+    user_config_has,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,10 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--teacher", type=Path, required=True,
                    help="teacher checkpoint directory (or the teacher's run directory holding checkpoint/)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"), help="data source (default: synthetic)")
-    p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder)")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"),
+                   help="data source (default: the teacher run's, else synthetic)")
+    p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder; "
+                   "default: the teacher run's)")
+    add_run_args(p)
     p.add_argument("--epochs", type=int, default=None, help="override optim.epochs")
     p.add_argument("--json", action="store_true", help="print the test figures as JSON")
     add_config_args(p, DistillConfig)
@@ -37,12 +46,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from dualrerank.train.distill import DistillConfig, distill_model
 
-    overrides = {"data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs}
+    overrides: dict = {}
+    if not args.resume and not user_config_has(args, "data"):
+        # The student must see the data its teacher learned from: another world or another
+        # fold would distil the teacher's pages on requests it never saw.
+        found = run_data_section(args.teacher)
+        if found is not None:
+            data, source = found
+            overrides["data"] = data
+            what = ", ".join(f"{k}={data.get(k)}" for k in ("source", "path", "seed") if k in data)
+            changed = [f"--{k}" for k, v in (("data", args.data), ("path", args.path)) if v is not None]
+            note("distill", f"using the teacher's data settings from {source} ({what})"
+                 + (f", changed by {' '.join(changed)}" if changed else ""))
+        else:
+            note("distill", f"no run config beside {args.teacher}: using the data settings of --config/--data/--path "
+                 "and the defaults; they must match the teacher's")
+    overrides.update({"data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs})
     cfg = load_run_config(DistillConfig, args, overrides)
-    result = distill_model(cfg, args.out, args.teacher, resume=args.resume)
+    result = distill_model(cfg, args.out, args.teacher, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.quiet)
     if args.json:
         print_json(result)
     else:
-        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if v is not None)
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                          if v is not None and not isinstance(v, dict))
         print(f"{args.out}: {shown}")
     return 0

@@ -3,6 +3,7 @@
     dualrerank train --model teacher --data synthetic --out runs/teacher
     dualrerank train --model lambdamart --data letor --path ../shared/data/letor/MQ2008 --out runs/lm
     dualrerank train --model teacher --out runs/teacher --resume      # continue a stopped run
+    dualrerank train --model teacher --out runs/teacher --overwrite   # start that run over
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dualrerank.commands._common import add_config_args, load_run_config, print_json
+from dualrerank.commands._common import add_config_args, add_run_args, load_run_config, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="registered model name (default: the config's, else teacher)")
     p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"), help="data source (default: synthetic)")
     p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder)")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    add_run_args(p)
     p.add_argument("--evaluator", type=Path, default=None,
                    help="checkpoint of a trained evaluator for 'evaluator' targets (default: train one in OUT/evaluator)")
     p.add_argument("--epochs", type=int, default=None, help="override optim.epochs")
@@ -39,10 +39,12 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = {"model": args.model, "data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs}
     cfg = load_run_config(TrainConfig, args, overrides)
-    result = train_model(cfg, args.out, resume=args.resume, evaluator_dir=args.evaluator)
+    result = train_model(cfg, args.out, resume=args.resume, overwrite=args.overwrite, evaluator_dir=args.evaluator,
+                         progress=not args.quiet)
     if args.json:
         print_json(result)
     else:
-        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if v is not None)
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                          if v is not None and not isinstance(v, dict))
         print(f"{args.out}: {shown}")
     return 0

@@ -37,11 +37,12 @@ from torch import nn
 from dualrerank import __version__
 from dualrerank.config import to_dict
 from dualrerank.errors import CheckpointError, ConfigError, DataError
+from dualrerank.files import umask_mode
 from dualrerank.models.registry import build_model, config_from_dict, get_spec
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_checkpoint", "load_checkpoint", "read_checkpoint_info",
-    "resolve_checkpoint", "load_checkpoint_of_kind",
+    "resolve_checkpoint", "load_checkpoint_of_kind", "check_state_fits",
 ]
 
 FORMAT_VERSION = 1
@@ -100,6 +101,9 @@ def save_checkpoint(model: Any, directory: str | Path, name: str, extra: dict | 
         raise CheckpointError(f"checkpoint: {target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes the directory 0700; a checkpoint is meant to be read by a server that
+    # may run as another user, so it gets the umask's permissions like any other directory.
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         if isinstance(model, nn.Module):
             # Clones: safetensors refuses tensors that share storage, and wants them contiguous.
@@ -109,6 +113,8 @@ def save_checkpoint(model: Any, directory: str | Path, name: str, extra: dict | 
             model.save(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         for fname in files:
+            # Writers of weights (safetensors, tree libraries) may create 0600 files.
+            os.chmod(tmp / fname, umask_mode())
             _fsync_file(tmp / fname)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -163,9 +169,25 @@ def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} lacks {missing}")
     if meta["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {d}: format_version {meta['format_version']!r} unsupported (this dualrerank reads {FORMAT_VERSION})")
-    if not isinstance(meta["config"], dict) or not isinstance(meta.get("files", {}), dict):
-        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} fields 'config' and 'files' must be JSON objects")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} field 'config' must be a JSON object")
+    _check_manifest(d, meta.get("files"))
     return meta
+
+
+def _check_manifest(d: Path, files: Any) -> None:
+    """The manifest is required, non-empty, and names plain files of this directory only:
+    without it nothing would be verified, and a `../` entry would read outside it."""
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} has no 'files' manifest (name -> sha256); refusing unverified weights")
+    for fname, digest in files.items():
+        if (
+            not isinstance(fname, str) or not fname or fname in (".", "..") or Path(fname).name != fname
+            or "\\" in fname or fname == CONFIG_FILE
+        ):
+            raise CheckpointError(f"checkpoint {d}: manifest entry {fname!r} is not a file name inside the checkpoint")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise CheckpointError(f"checkpoint {d}: manifest entry {fname!r} has no sha256 digest")
 
 
 def _check_files(d: Path, files: dict[str, str]) -> None:
@@ -177,8 +199,10 @@ def _check_files(d: Path, files: dict[str, str]) -> None:
             raise CheckpointError(f"checkpoint {d}: {fname} is corrupt or truncated (checksum mismatch)")
 
 
-def _load_state(model: nn.Module, d: Path, map_location: str | torch.device) -> None:
+def _load_state(model: nn.Module, d: Path, files: dict[str, str], map_location: str | torch.device) -> None:
     path = d / WEIGHTS_FILE
+    if WEIGHTS_FILE not in files:
+        raise CheckpointError(f"checkpoint {d}: the manifest does not list {WEIGHTS_FILE}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {d}: {WEIGHTS_FILE} missing")
     try:
@@ -186,20 +210,28 @@ def _load_state(model: nn.Module, d: Path, map_location: str | torch.device) -> 
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint {d}: {WEIGHTS_FILE} is unreadable ({first})") from None
+    check_state_fits(model, state, f"checkpoint {d}")
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_fits(model: nn.Module, state: Any, where: str) -> None:
+    """One-line `CheckpointError` (prefixed by `where`) unless `state` is a state dict whose
+    names and shapes are the model's and whose floats are finite."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{where}: weights are not a state dict of tensors")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"checkpoint {d}: weights do not fit the model ({what})")
+        raise CheckpointError(f"{where}: weights do not fit the model ({what})")
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise CheckpointError(
-                f"checkpoint {d}: weight {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+                f"{where}: weight {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             # A NaN/inf weight makes every output NaN: refuse it here rather than serve garbage.
-            raise CheckpointError(f"checkpoint {d}: weight {key!r} holds NaN/inf")
-    model.load_state_dict(state, strict=True)
+            raise CheckpointError(f"{where}: weight {key!r} holds NaN/inf")
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -212,13 +244,13 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         config = config_from_dict(name, meta["config"])
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {d}: {exc}") from None
-    _check_files(d, meta.get("files", {}))
+    _check_files(d, meta["files"])
     try:
         model = build_model(name, config)
     except (ConfigError, DataError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {d}: the stored config does not build a {name!r} model ({exc})") from None
     if isinstance(model, nn.Module):
-        _load_state(model, d, map_location)
+        _load_state(model, d, meta["files"], map_location)
         model.to(map_location)
         model.eval()
     else:

@@ -24,11 +24,11 @@ from dualrerank.models.layers import Block
 class EncoderConfig:
     candidate_dim: int = option(0, "candidate feature width d (set from the data)")
     context_dim: int = option(0, "context feature width c (set from the data)")
-    d_model: int = option(64, "hidden width of every transformer layer")
-    n_heads: int = option(4, "attention heads")
-    n_layers: int = option(2, "encoder transformer blocks")
-    ffn_mult: int = option(4, "feed-forward width as a multiple of d_model")
-    dropout: float = option(0.1, "dropout in attention and feed-forward layers")
+    d_model: int = option(64, "hidden width of every transformer layer", ge=1)
+    n_heads: int = option(4, "attention heads", ge=1)
+    n_layers: int = option(2, "encoder transformer blocks", ge=1)
+    ffn_mult: int = option(4, "feed-forward width as a multiple of d_model", ge=1)
+    dropout: float = option(0.1, "dropout in attention and feed-forward layers", ge=0, lt=1)
 
 
 class CandidateEncoder(nn.Module):

@@ -50,11 +50,11 @@ _NEG_INF = float("-inf")
 @dataclass
 class TeacherConfig:
     encoder: EncoderConfig = option(factory=EncoderConfig, help="candidate encoder (feature fusion + bidirectional transformer)")
-    n_layers: int = option(2, "decoder blocks: causal self-attention, cross-attention to T, FFN")
-    n_heads: int = option(4, "attention heads in the decoder (must divide encoder.d_model)")
-    ffn_mult: int = option(4, "decoder feed-forward width as a multiple of d_model")
-    dropout: float = option(0.1, "dropout in the decoder's attention and feed-forward layers")
-    max_length: int = option(20, "longest page the decoder can produce (size of its position table)")
+    n_layers: int = option(2, "decoder blocks: causal self-attention, cross-attention to T, FFN", ge=1)
+    n_heads: int = option(4, "attention heads in the decoder (must divide encoder.d_model)", ge=1)
+    ffn_mult: int = option(4, "decoder feed-forward width as a multiple of d_model", ge=1)
+    dropout: float = option(0.1, "dropout in the decoder's attention and feed-forward layers", ge=0, lt=1)
+    max_length: int = option(20, "longest page the decoder can produce (size of its position table)", ge=1)
 
 
 @dataclass

@@ -50,6 +50,7 @@ from dualrerank.models.checkpoint import load_checkpoint, load_checkpoint_of_kin
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import evaluate, rerank_all
 from dualrerank.train.loop import Extras, Objective, OptimConfig, fit
+from dualrerank.train.runstate import PhaseClock, prepare_run_dir
 from dualrerank.train.splits import SplitConfig, Splits, load_splits
 from dualrerank.train.supervised import build_for_data, validation_score
 from dualrerank.train.targets import logged_targets
@@ -381,6 +382,7 @@ def distill_model(
     teacher_dir: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     splits: Splits | None = None,
 ) -> dict[str, Any]:
@@ -390,25 +392,32 @@ def distill_model(
     utility / normalized utility on the same test requests (`teacher_utility`, `teacher_normalized_utility`)."""
     _check_config(cfg)
     run_dir = Path(run_dir)
-    splits = splits if splits is not None else load_splits(cfg.data)
+    # The teacher's directory and, when it is a run's checkpoint/, that run: never written.
+    reads = [Path(teacher_dir)] + ([Path(teacher_dir).parent] if Path(teacher_dir).name == "checkpoint" else [])
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, reads=reads)
+    clock = PhaseClock()
+    with clock("data"):
+        splits = splits if splits is not None else load_splits(cfg.data)
     L = splits.page_length
     teacher = load_teacher(teacher_dir, splits.train, L)
     student = build_for_data(STUDENT, cfg.model_config, splits.train, cfg.seed)
     if student.config.max_positions < L:
         raise ConfigError(f"model_config.max_positions: {student.config.max_positions} < page length {L}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    extras = distill_extras(cfg, teacher, splits.train, L)
+    with clock("teacher_paths"):
+        extras = distill_extras(cfg, teacher, splits.train, L)
 
     def save(model: nn.Module, directory: Path, extra: dict) -> None:
         save_checkpoint(model, directory, STUDENT, extra={**extra, "distilled_from": str(teacher_dir)})
 
-    fit(
-        student, splits.train, extras, distill_objective(cfg, teacher, L), _validator(splits, teacher, L, cfg.select_by),
-        save, cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress,
-    )
+    with clock("student"):
+        fit(
+            student, splits.train, extras, distill_objective(cfg, teacher, L), _validator(splits, teacher, L, cfg.select_by),
+            save, cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase="student",
+        )
     best = load_checkpoint(run_dir / "checkpoint")
-    figures = evaluate(best.rerank, splits.test, L)
+    with clock("test"):
+        figures = evaluate(best.rerank, splits.test, L)
     figures["params"] = sum(p.numel() for p in best.parameters())
     figures.update(agreement_figures(best, teacher, splits.test.batch, L))
     teacher_figures = evaluate(teacher.rerank, splits.test, L, timing=False)
@@ -421,6 +430,7 @@ def distill_model(
         "teacher_utility": teacher_figures.get("utility"),
         "teacher_normalized_utility": teacher_figures.get("normalized_utility"),
         "teacher_ndcg@10": teacher_figures.get("ndcg@10"),
+        **clock.figures(),
     }
     write_json(run_dir / "eval.json", result)
     from dualrerank.report import write_run_report

@@ -324,7 +324,7 @@ def _train_row(cfg: ExperimentConfig, row: str, seed: int, out: Path, splits: Sp
 
         return distill_model(
             distill_config(cfg, row, seed), run_dir, run_dir_of(out, "teacher", seed),
-            progress=progress, splits=splits,
+            overwrite=True, progress=progress, splits=splits,
         )
     from dualrerank.train.supervised import train_model
 
@@ -332,7 +332,8 @@ def _train_row(cfg: ExperimentConfig, row: str, seed: int, out: Path, splits: Sp
     evaluator_dir = None
     if _ROWS[row].target == "evaluator":
         evaluator_dir = run_dir_of(out, "evaluator_beam", seed) / "checkpoint"
-    return train_model(tcfg, run_dir, evaluator_dir=evaluator_dir, progress=progress, splits=splits)
+    # A row is (re)trained only when it has no eval.json: whatever a killed attempt left goes.
+    return train_model(tcfg, run_dir, overwrite=True, evaluator_dir=evaluator_dir, progress=progress, splits=splits)
 
 
 def _load(run_dir: Path) -> Any:

@@ -28,8 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from dualrerank.config import option
-from dualrerank.errors import CheckpointError
-from dualrerank.files import atomic_write
+from dualrerank.errors import CheckpointError, TrainingError
+from dualrerank.models.checkpoint import check_state_fits
+from dualrerank.train.runstate import MetricsLog, load_snapshot, save_snapshot
 from dualrerank.schema import RerankBatch
 
 Extras = dict[str, torch.Tensor]
@@ -40,21 +41,32 @@ SaveBest = Callable[[nn.Module, Path, dict[str, Any]], None]
 
 @dataclass
 class OptimConfig:
-    epochs: int = option(20, "maximum passes over the training requests")
-    batch_size: int = option(128, "requests per gradient step")
-    lr: float = option(1e-3, "AdamW learning rate")
-    weight_decay: float = option(1e-4, "AdamW weight decay")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
-    patience: int = option(3, "stop after this many epochs without a better validation score")
+    epochs: int = option(20, "maximum passes over the training requests", ge=1)
+    batch_size: int = option(128, "requests per gradient step", ge=1)
+    lr: float = option(1e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = option(1e-4, "AdamW weight decay", ge=0)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
+    patience: int = option(3, "stop after this many epochs without a better validation score", ge=1)
     lr_schedule: str = option(
         "constant", "learning rate over training: constant, or cosine decay from lr to 0 over `epochs`",
         choices=("constant", "cosine"),
     )
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+def _snapshot(last: Path, model: nn.Module, opt: torch.optim.Optimizer, schedule: Any, gen: torch.Generator,
+              state: dict[str, Any], log: MetricsLog) -> None:
+    # The loop state goes as JSON text (best_score may be -inf, which JSON-in-a-string keeps)
+    # and the metrics log's length with it: resuming truncates the log to this length.
+    save_snapshot(last, {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+        "generator": gen.get_state(), "loop": json.dumps(state), "metrics_bytes": log.size(),
+    })
+
+
+def phase_finished(run_dir: Path) -> bool:
+    """Whether the `fit` in `run_dir` ran to its end (so a resume can skip it)."""
+    last = Path(run_dir) / "last.pt"
+    return last.is_file() and bool(json.loads(load_snapshot(last).get("loop", "{}")).get("finished", False))
 
 
 def fit(
@@ -69,11 +81,14 @@ def fit(
     seed: int,
     resume: bool = False,
     progress: bool = True,
+    phase: str = "train",
 ) -> dict[str, Any]:
-    """Train `model` in place; returns {"best_score", "best_epoch", "epochs_run", "stopped_early"}.
+    """Train `model` in place (`phase` names it in progress lines); returns {"best_score", "best_epoch", "epochs_run", "stopped_early"}.
 
-    With `resume=True`, `run_dir/last.pt` restores the model, optimizer, RNG and loop state
-    and training continues with the next epoch; `metrics.jsonl` keeps growing.
+    With `resume=True`, `run_dir/last.pt` (when present: a phase killed before its first
+    epoch ended starts afresh) restores the model, optimizer, schedule, RNG and loop state,
+    `metrics.jsonl` is cut back to the lines that snapshot saw, and training continues with
+    the next epoch. A non-finite training loss stops the run with a `TrainingError`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -85,22 +100,30 @@ def fit(
         (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
         if optim.lr_schedule == "cosine" else (lambda step: 1.0),
     )
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0}
+    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "finished": False}
     last = run_dir / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise CheckpointError(f"cannot resume: {last} not found (was the run started in this directory?)")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if resume and last.is_file():
+        saved = load_snapshot(last)
         try:
-            saved = torch.load(last, weights_only=False)
+            check_state_fits(model, saved["model"], f"cannot resume from {last}")
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
-            if "schedule" in saved:
-                schedule.load_state_dict(saved["schedule"])
+            schedule.load_state_dict(saved["schedule"])
             gen.set_state(saved["generator"])
-            state = saved["loop"]
-        except (RuntimeError, KeyError, EOFError, OSError) as exc:
-            raise CheckpointError(f"cannot resume from {last}: {str(exc).splitlines()[0]}") from None
-    metrics_path = run_dir / "metrics.jsonl"
+            state = {**state, **json.loads(saved["loop"])}
+            state["finished"] = False  # the loop below decides again (optim.epochs may have grown)
+            log.truncate(int(saved["metrics_bytes"]))
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(
+                f"cannot resume from {last}: it does not match this run's model or optimizer ({first}); "
+                "was config.yaml edited?"
+            ) from None
+    elif not resume:
+        log.truncate(0)
     stopped_early = False
     B = train.batch_size
     while state["epoch"] < optim.epochs:
@@ -114,13 +137,19 @@ def fit(
         model.train()
         order = torch.randperm(B, generator=gen)
         starts = range(0, B, optim.batch_size)
-        bar = tqdm(starts, desc=f"epoch {epoch}/{optim.epochs}", disable=not progress, leave=False, unit="step")
+        bar = tqdm(starts, desc=f"{phase} epoch {epoch}/{optim.epochs}", disable=not progress, leave=False, unit="step")
         total, count, t0 = 0.0, 0, time.perf_counter()
         extra: dict[str, float] = {}
-        for s in bar:
+        for step, s in enumerate(bar):
             idx = order[s : s + optim.batch_size]
             mb = train.select(idx)
             loss, logs = objective(model, mb, {k: v[idx] for k, v in extras.items()}, gen)
+            if not bool(torch.isfinite(loss.detach())):
+                raise TrainingError(
+                    f"training diverged: loss is {float(loss.detach())} at epoch {epoch}, step {step + 1} "
+                    f"(lr {optim.lr:g}); lower optim.lr or check the features for huge values "
+                    f"(the last finished epoch is kept in {run_dir})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if optim.grad_clip > 0:
@@ -146,13 +175,16 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         record["best"] = improved
-        _append_jsonl(metrics_path, record)
+        log.append(record)
         if progress:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items())
-            tqdm.write(f"epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr)
-        snapshot = {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                    "generator": gen.get_state(), "loop": state}
-        atomic_write(last, lambda tmp: torch.save(snapshot, tmp))
+            tqdm.write(f"{phase} epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr)
+        _snapshot(last, model, opt, schedule, gen, state, log)
+    if not state["finished"]:
+        # A run that ends (epochs done or early stop) says so, so that a resume of a run
+        # with several phases knows this phase is complete.
+        state["finished"] = True
+        _snapshot(last, model, opt, schedule, gen, state, log)
     return {
         "best_score": state["best_score"],
         "best_epoch": state["best_epoch"],

@@ -7,23 +7,33 @@ pages where there is one.
 - letor: LETOR/MSLR folds (`S1..S5` partitions or `Fold k/{train,vali,test}.txt`); the
   lists are placed in the simulated user model (`sim.real_lists`) for utility, and NDCG
   uses the real graded labels.
-- mind: impressions split at random (seeded) into train / valid / test; NDCG on real clicks.
+- mind: impressions split into train / valid / test by a fixed hash of the impression id
+  (not by any seed, so no seed can move a test impression into training); NDCG and AUC on
+  real clicks.
 
 The data seed (`SplitConfig.seed`) is separate from a run's seed, so that several training
-seeds are compared on the same held-out requests.
+seeds are compared on the same held-out requests. It draws the simulated world and its
+requests (synthetic) and the simulated feedback placed on real lists (letor); it never
+reassigns a real request between splits.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dualrerank.config import option
+from dualrerank.data.mind import MindOptions
+from dualrerank.data.svmlight import SvmlightOptions
 from dualrerank.errors import ConfigError
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import EvalSplit
+
+
+GENERATED_TRAIN_REQUESTS = 8000
 
 
 @dataclass
@@ -35,17 +45,22 @@ class SplitConfig:
         "letor: a folder with S1..S5.txt or 'Fold k' folders; mind: a folder with behaviors.tsv",
     )
     seed: int = option(0, "seed of the data (world, requests, logs, random splits), kept apart from the run's seed")
-    train_requests: int = option(8000, "synthetic: logged requests to train on")
+    train_requests: int | None = option(
+        None, "synthetic: logged requests to train on (null: 8000 generated, or every request of a 'simulate --out' "
+        "folder; a folder holding fewer than asked is refused)"
+    )
     valid_requests: int = option(1000, "synthetic: held-out requests for validation each epoch")
     test_requests: int = option(2000, "synthetic: held-out requests for the final test")
     page_length: int = option(10, "page length L produced and evaluated")
     fold: int = option(1, "letor: fold number (1..5)")
     valid_share: float = option(0.1, "mind: share of impressions for validation")
     test_share: float = option(0.2, "mind: share of impressions for the test")
+    letor: SvmlightOptions = option(factory=SvmlightOptions, help="letor: options of the SVMlight/LETOR reader")
+    mind: MindOptions = option(factory=MindOptions, help="mind: options of the MIND reader")
 
     def __post_init__(self) -> None:
         for name in ("train_requests", "valid_requests", "test_requests", "page_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
         if not (0 < self.valid_share < 1 and 0 < self.test_share < 1 and self.valid_share + self.test_share < 1):
             raise ConfigError("data.valid_share / data.test_share: must be in (0, 1) and sum to less than 1")
@@ -61,18 +76,18 @@ class Splits:
 
 
 def _synthetic(cfg: SplitConfig) -> Splits:
-    from dualrerank.data.synthetic import load_logs, load_world, simulate_logs
+    from dualrerank.data.synthetic import load_logs, load_world, load_world_config, simulate_logs
     from dualrerank.sim import World, WorldConfig
-    from dualrerank.config import load_config
 
     path = Path(cfg.path) if cfg.path else None
     if path is not None and path.is_dir():
         world = load_world(path)
-        train = load_logs(path)
+        train = load_logs(path, cfg.train_requests, page_length=cfg.page_length, option="data.train_requests")
     else:
-        world_cfg = load_config(WorldConfig, path) if path is not None else WorldConfig()
+        world_cfg = load_world_config(path) if path is not None else WorldConfig()
         world = World(world_cfg, seed=cfg.seed)
-        train = simulate_logs(world, cfg.train_requests, cfg.seed, cfg.page_length).batch
+        n_train = GENERATED_TRAIN_REQUESTS if cfg.train_requests is None else cfg.train_requests
+        train = simulate_logs(world, n_train, cfg.seed, cfg.page_length).batch
     # Held-out requests carry logs too (the evaluator and LambdaMART validate on feedback);
     # their hidden state scores any page exactly. Seeds differ from the training logs'.
     valid = simulate_logs(world, cfg.valid_requests, cfg.seed + 1_000_003, cfg.page_length)
@@ -93,7 +108,7 @@ def _letor(cfg: SplitConfig) -> Splits:
 
     if not cfg.path:
         raise ConfigError("data.path: the letor source needs a folder (e.g. ../shared/data/letor/MQ2008)")
-    folds = load_letor_folds(cfg.path, cfg.fold)
+    folds = load_letor_folds(cfg.path, cfg.fold, cfg.letor)
     world = World(seed=cfg.seed)
 
     def split(batch: RerankBatch, name: str) -> EvalSplit:
@@ -102,16 +117,33 @@ def _letor(cfg: SplitConfig) -> Splits:
     return Splits(folds["train"], split(folds["vali"], "valid"), split(folds["test"], "test"), cfg.page_length, world)
 
 
+def hash_split(ids: tuple[str, ...], valid_share: float, test_share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of (train, valid, test) by a fixed hash of each request id: a request's split
+    depends on its id alone, so it never changes with a seed, the file's order or its size."""
+    # blake2b of the id -> a uniform number in [0, 1); 8 bytes are plenty for the shares.
+    u = torch.tensor(
+        [int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=b"dr-split").digest(), "big") / 2**64
+         for i in ids],
+        dtype=torch.float64,
+    )
+    test = u < test_share
+    valid = (u >= test_share) & (u < test_share + valid_share)
+    train = ~(test | valid)
+    return train.nonzero().squeeze(1), valid.nonzero().squeeze(1), test.nonzero().squeeze(1)
+
+
 def _mind(cfg: SplitConfig) -> Splits:
-    from dualrerank.data import load_dataset
+    from dualrerank.data.mind import load_mind
 
     if not cfg.path:
         raise ConfigError("data.path: the mind source needs a folder with behaviors.tsv")
-    batch = load_dataset("mind", cfg.path)
-    order = torch.randperm(batch.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
-    n_test = max(1, int(cfg.test_share * batch.batch_size))
-    n_valid = max(1, int(cfg.valid_share * batch.batch_size))
-    test, valid, train = order[:n_test], order[n_test : n_test + n_valid], order[n_test + n_valid :]
+    batch = load_mind(Path(cfg.path), cfg.mind)
+    ids = batch.request_ids or tuple(str(i) for i in range(batch.batch_size))
+    train, valid, test = hash_split(ids, cfg.valid_share, cfg.test_share)
+    for name, idx in (("train", train), ("valid", valid), ("test", test)):
+        if idx.numel() == 0:
+            raise ConfigError(f"data: the {name} split of {cfg.path} is empty ({batch.batch_size} impressions); "
+                              "use more impressions or larger shares")
     return Splits(
         train=batch.select(train).trim(),
         valid=EvalSplit(batch.select(valid).trim(), name="valid"),

@@ -28,7 +28,8 @@ from dualrerank.models.checkpoint import load_checkpoint, save_checkpoint
 from dualrerank.models.registry import config_from_dict, get_spec, set_data_dims
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import EvalSplit, evaluate
-from dualrerank.train.loop import OptimConfig, fit
+from dualrerank.train.loop import OptimConfig, fit, phase_finished
+from dualrerank.train.runstate import PhaseClock, load_snapshot, prepare_run_dir, save_snapshot
 from dualrerank.train.objectives import (
     GeneratorObjectiveConfig,
     generator_extras,
@@ -85,7 +86,7 @@ def get_spec_kind(model: Any) -> str:
     return "evaluator" if isinstance(model, ListEvaluator) else "other"
 
 
-def _step_logits_fn(kind: str) -> Callable[[nn.Module, RerankBatch, torch.Tensor, torch.Tensor], torch.Tensor]:
+def step_logits_fn(kind: str) -> Callable[[nn.Module, RerankBatch, torch.Tensor, torch.Tensor], torch.Tensor]:
     def ar(model: nn.Module, batch: RerankBatch, target: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
         return model.step_logits(batch, target, tmask)
 
@@ -122,17 +123,31 @@ def _save(name: str) -> Callable[[Any, Path, dict], None]:
     return save
 
 
-def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: bool) -> Any:
+def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: bool, resume: bool) -> Any:
+    """The evaluator phase of a run with 'evaluator' targets, in `RUN/evaluator/`; a resume
+    continues it where it stopped, or skips it when it had finished."""
     ev_dir = run_dir / "evaluator"
+    if resume and phase_finished(ev_dir) and (ev_dir / "checkpoint").is_dir():
+        return load_checkpoint(ev_dir / "checkpoint")
     model = build_for_data("evaluator", cfg.evaluator_config, splits.train, cfg.seed)
     ev_cfg = dataclasses.replace(cfg, model="evaluator", model_config=cfg.evaluator_config)
     dump_config(ev_cfg, ev_dir / "config.yaml")
     fit(
         model, splits.train, {}, own_loss_objective,
         lambda m: validation_score(m, splits.valid, splits.page_length),
-        _save("evaluator"), cfg.evaluator_optim, ev_dir, cfg.seed, progress=progress,
+        _save("evaluator"), cfg.evaluator_optim, ev_dir, cfg.seed, resume=resume, progress=progress, phase="evaluator",
     )
     return load_checkpoint(ev_dir / "checkpoint")
+
+
+def _cached_targets(path: Path, resume: bool, build: Callable[[], Targets]) -> Targets:
+    """Targets built once per run: a resume reuses the ones a killed run had finished."""
+    if resume and path.is_file():
+        saved = load_snapshot(path)
+        return Targets(saved["pages"], saved["mask"], saved["weights"])
+    targets = build()
+    save_snapshot(path, {"pages": targets.pages, "mask": targets.mask, "weights": targets.weights})
+    return targets
 
 
 def train_model(
@@ -140,21 +155,31 @@ def train_model(
     run_dir: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     evaluator_dir: Path | None = None,
     progress: bool = True,
     splits: Splits | None = None,
 ) -> dict[str, Any]:
-    """Train `cfg.model` into `run_dir` (see the module docstring); returns the test figures."""
+    """Train `cfg.model` into `run_dir` (see the module docstring); returns the test figures.
+
+    A directory that already holds a run is refused unless `resume` (continue it from the
+    phase that was running: evaluator, evaluator targets, model) or `overwrite` (start over).
+    """
     spec = get_spec(cfg.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    reads = [Path(evaluator_dir)] if evaluator_dir is not None else []
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, reads=reads)
     dump_config(cfg, run_dir / "config.yaml")
-    splits = splits if splits is not None else load_splits(cfg.data)
+    clock = PhaseClock()
+    with clock("data"):
+        splits = splits if splits is not None else load_splits(cfg.data)
     L = splits.page_length
     model = build_for_data(cfg.model, cfg.model_config, splits.train, cfg.seed)
     objective_cfg = dataclasses.replace(cfg.objective, **dict(spec.objective_defaults))
 
     if spec.kind == "tree":
-        info = model.fit(splits.train, splits.valid.batch)
+        with clock(cfg.model):
+            info = model.fit(splits.train, splits.valid.batch)
         save_checkpoint(model, run_dir / "checkpoint", cfg.model, extra={"fit": info})
     elif spec.kind == "scorer" and not any(p.requires_grad for p in model.parameters()):
         save_checkpoint(model, run_dir / "checkpoint", cfg.model, extra={})
@@ -163,26 +188,33 @@ def train_model(
         objective = own_loss_objective
         if spec.kind in ("ar", "nar"):
             if objective_cfg.target == "evaluator":
-                evaluator = (
-                    load_checkpoint(evaluator_dir) if evaluator_dir is not None
-                    else _train_evaluator(cfg, splits, run_dir, progress)
-                )
-                targets = evaluator_targets(evaluator, splits.train, L, objective_cfg.evaluator_beam, progress=progress)
+                with clock("evaluator"):
+                    evaluator = (
+                        load_checkpoint(evaluator_dir) if evaluator_dir is not None
+                        else _train_evaluator(cfg, splits, run_dir, progress, resume)
+                    )
+                with clock("evaluator_targets"):
+                    targets = _cached_targets(
+                        run_dir / "targets.pt", resume,
+                        lambda: evaluator_targets(evaluator, splits.train, L, objective_cfg.evaluator_beam, progress=progress),
+                    )
             else:
                 targets = logged_targets(splits.train, L, objective_cfg.reward_weighted)
             extras = generator_extras(splits.train, targets)
-            objective = generator_objective(objective_cfg, _step_logits_fn(spec.kind))
-        fit(
-            model, splits.train, extras, objective,
-            lambda m: validation_score(m, splits.valid, L),
-            _save(cfg.model), cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress,
-        )
+            objective = generator_objective(objective_cfg, step_logits_fn(spec.kind))
+        with clock(cfg.model):
+            fit(
+                model, splits.train, extras, objective,
+                lambda m: validation_score(m, splits.valid, L),
+                _save(cfg.model), cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase=cfg.model,
+            )
     best = load_checkpoint(run_dir / "checkpoint")
     if isinstance(best, nn.Module):
         best.eval()
-    figures = evaluate(best.rerank, splits.test, L)
+    with clock("test"):
+        figures = evaluate(best.rerank, splits.test, L)
     figures["params"] = sum(p.numel() for p in best.parameters()) if isinstance(best, nn.Module) else None
-    result = {"model": cfg.model, "split": "test", "page_length": L, **figures}
+    result = {"model": cfg.model, "split": "test", "page_length": L, **figures, **clock.figures()}
     write_json(run_dir / "eval.json", result)
     from dualrerank.report import write_run_report
 
