@@ -30,6 +30,7 @@ from dualrerank.metrics import (
     EPOCH_KEYS,
     FIGURES,
     LOGGED_KEYS,
+    ONLINE_KEYS,
     RUN_FIELDS,
     SUMMARY_FIELDS,
     describe_key,
@@ -244,6 +245,7 @@ def test_docs_show_exactly_the_list():
     expected = {
         "Figures": FIGURES, "Per epoch (metrics.jsonl)": EPOCH_KEYS, "Run fields (eval.json, evaluate --json)": RUN_FIELDS,
         "Experiment summary (summary.json)": SUMMARY_FIELDS, "Derived names": DERIVED_KEYS,
+        "Online steps (dualrerank online, metrics.jsonl)": ONLINE_KEYS,
     }
     assert list(tables) == list(expected)
     for title, names in expected.items():

@@ -35,6 +35,9 @@ __all__ = [
     "bpr_loss",
     "kd_loss",
     "position_weights",
+    "group_advantage",
+    "clipped_policy_loss",
+    "kl_to_reference",
 ]
 
 
@@ -291,3 +294,198 @@ def kd_loss(
     ul_mean = (wt * ul).sum(dim=1).mean()
     loss = tau * tau * kl + alpha * ce + unlikelihood * ul_mean
     return loss, {"kl": kl.detach(), "ce": ce.detach(), "unlikelihood": ul_mean.detach()}
+
+
+# --------------------------------------------------------------------------- policy loss
+# The RL core shared by GRPO, Dr. GRPO, GDPO and LDRO (method.md section 4): the methods
+# differ only in how the reward vector becomes an advantage (`group_advantage`), in the
+# position weights and in the anchor; the clipped ratio (`clipped_policy_loss`) and the KL
+# estimator (`kl_to_reference`) are the same for all. Nothing here knows how pages were
+# sampled or scored.
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int, keepdim: bool = True) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim, keepdim=keepdim) / m.sum(dim, keepdim=keepdim).clamp_min(1.0)
+
+
+def _masked_std(x: torch.Tensor, mask: torch.Tensor, dim: int, mean: torch.Tensor) -> torch.Tensor:
+    # Population std over the masked entries (TRL's GRPO uses the sample std; with G >= 8
+    # the two differ by under 7%, and the population form is 0, not NaN, for one entry).
+    return _masked_mean((x - mean) ** 2, mask, dim).sqrt()
+
+
+def group_advantage(
+    rewards: torch.Tensor,
+    coef: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    combine: Literal["before", "after"] = "before",
+    scale: Literal["group_std", "none", "stream"] = "group_std",
+    stream_scale: torch.Tensor | None = None,
+    batch_norm: bool = False,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantages of G pages per request from their D-dimensional rewards.
+
+    - `combine="before"`: the weighted sum `r = sum_d coef_d r_d` is centred within its
+      group and divided by the group's std (`scale="group_std"`: GRPO), by nothing
+      (`"none"`: Dr. GRPO) or by `stream_scale[0]` (`"stream"`: one combined reward with a
+      running scale, the `ldro_no_dims` ablation).
+    - `combine="after"`: each dimension is centred within its group separately and
+      divided by its own group std (`"group_std"`: GDPO before its batch norm,
+      `ldro_group_std`), by nothing, or by its stream scale `stream_scale[d]` (`"stream"`:
+      LDRO's double decoupling), then weighted by `coef` and summed.
+    - `batch_norm`: finally z-score the advantages over every valid page of the batch (GDPO).
+
+    Pages that are not `valid`, or whose reward has a NaN/inf entry, get advantage 0 and are
+    left out of every mean and std. A group with fewer than two such pages, or whose
+    rewards are equal in every dimension, gets advantage 0 (never NaN).
+
+    Args:
+        rewards: `[B, G, D]` reward vectors.
+        coef: `[D]` weights (LDRO: the calibrated `c_d`; others: the user's `lambda_d`).
+        valid: `[B, G]` bool pages to use (default: all).
+        stream_scale: `[D]` (`combine="after"`) or `[1]` (`combine="before"`) running scales
+            for `scale="stream"`.
+    Returns:
+        (advantage `[B, G]`, diagnostics): `zero_spread_groups` (count), `masked_pages`
+        (count of non-finite rewards), `dim_share` `[D]` (each dimension's share of the mean
+        absolute advantage before any batch norm; sums to 1 when any advantage is non-zero).
+    """
+    B, G, D = rewards.shape
+    if coef.shape != (D,):
+        raise ValueError(f"group_advantage: coef has shape {tuple(coef.shape)}, rewards have D={D}")
+    ok = torch.isfinite(rewards).all(-1)
+    masked_pages = (~ok & (valid if valid is not None else torch.ones_like(ok))).sum()
+    ok = ok & (valid if valid is not None else True)
+    r = torch.where(ok.unsqueeze(-1), rewards, torch.zeros_like(rewards))
+    okd = ok.unsqueeze(-1)
+    coef = coef.to(r)
+    if combine == "before":
+        x = (r * coef).sum(-1, keepdim=True)  # [B, G, 1]
+        parts = r * coef  # for dim_share only
+    elif combine == "after":
+        x, parts = r, None
+    else:
+        raise ConfigError(f"group_advantage: combine {combine!r} is not one of ['before', 'after']")
+    mean = _masked_mean(x, okd.expand_as(x), 1)
+    centred = torch.where(okd, x - mean, torch.zeros_like(x))
+    if scale == "group_std":
+        s = _masked_std(x, okd.expand_as(x), 1, mean)
+    elif scale == "none":
+        s = torch.ones_like(mean)
+    elif scale == "stream":
+        if stream_scale is None or stream_scale.numel() != x.shape[-1]:
+            raise ValueError(f"group_advantage: scale='stream' needs stream_scale of {x.shape[-1]} entries")
+        s = stream_scale.to(x).reshape(1, 1, -1).expand_as(mean)
+    else:
+        raise ConfigError(f"group_advantage: scale {scale!r} is not one of ['group_std', 'none', 'stream']")
+    z = centred / (s + eps)
+    if combine == "after":
+        contrib = z * coef  # [B, G, D]
+        adv = contrib.sum(-1)
+    else:
+        adv = z.squeeze(-1)
+        # The share of each dimension in the combined advantage: its part of the centred sum.
+        pmean = _masked_mean(parts, okd.expand_as(parts), 1)
+        contrib = torch.where(okd, parts - pmean, torch.zeros_like(parts)) / (s + eps)
+    n_ok = ok.sum(1)
+    # Spread per dimension, not only in the weighted sum: a group whose pages tie in every
+    # dimension carries no signal whatever the weights.
+    rmean = _masked_mean(r, okd.expand_as(r), 1)
+    spread = (torch.where(okd, r - rmean, torch.zeros_like(r)).abs() > 0).any(-1).any(-1)  # [B]
+    dead = (n_ok < 2) | ~spread
+    adv = torch.where(dead.unsqueeze(1) | ~ok, torch.zeros_like(adv), adv)
+    contrib = torch.where((dead.unsqueeze(1) | ~ok).unsqueeze(-1), torch.zeros_like(contrib), contrib)
+    share = contrib.abs().sum((0, 1))
+    share = share / share.sum().clamp_min(1e-12)
+    if batch_norm:
+        live = ok & ~dead.unsqueeze(1)
+        if bool(live.any()):
+            m = adv[live].mean()
+            sd = adv[live].std(unbiased=False)
+            adv = torch.where(live, (adv - m) / (sd + eps), torch.zeros_like(adv))
+    zero_spread = ((n_ok >= 2) & ~spread).sum()
+    return adv.detach(), {"zero_spread_groups": zero_spread, "masked_pages": masked_pages, "dim_share": share.detach()}
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantage: torch.Tensor,
+    position_weights: torch.Tensor,
+    page_mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-style clipped surrogate over per-position ratios, weighted by position.
+
+    `L = -mean_{valid (b,g)} sum_t w_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)` with
+    `rho_t = exp(logp_t - old_logp_t)`; uniform `w` and a page-level advantage give GRPO's
+    token-level objective, DCG weights give LDRO's rank-weighted policy.
+
+    Args:
+        logp: `[B, G, L]` per-step log-probabilities of the sampled pages under the current
+            policy (differentiable).
+        old_logp: `[B, G, L]` the same under the policy that sampled them (no gradient).
+        advantage: `[B, G]`.
+        position_weights: `[L]` (summing to 1).
+        page_mask: `[B, G, L]` bool positions that exist (default: all).
+        valid: `[B, G]` bool pages that count (default: all).
+        clip_eps: the clip range eps (> 0).
+    Returns:
+        (loss, diagnostics): `clipfrac` (share of counted positions whose ratio was clipped
+        in the direction that stops the gradient), `approx_kl` (mean of
+        `(rho - 1) - log rho` over counted positions, Schulman's k3 estimator of
+        KL(old || new)), `ess` (effective sample size of the page-level importance weights
+        as a share of the counted pages), `ratio_max`.
+    """
+    if clip_eps <= 0:
+        raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
+    B, G, L = logp.shape
+    pm = torch.ones_like(logp, dtype=torch.bool) if page_mask is None else page_mask
+    vm = torch.ones(B, G, dtype=torch.bool, device=logp.device) if valid is None else valid
+    count = pm & vm.unsqueeze(-1)
+    diff = torch.where(count, logp - old_logp.detach(), torch.zeros_like(logp))
+    ratio = diff.exp()
+    A = advantage.detach().unsqueeze(-1).to(logp)
+    unclipped = ratio * A
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * A
+    surrogate = torch.minimum(unclipped, clipped)
+    w = position_weights.to(logp).reshape(1, 1, L)
+    per_page = (w * torch.where(count, surrogate, torch.zeros_like(surrogate))).sum(-1)  # [B, G]
+    n_pages = vm.sum().clamp_min(1)
+    loss = -(per_page * vm.to(logp)).sum() / n_pages
+    with torch.no_grad():
+        n_pos = count.sum().clamp_min(1)
+        was_clipped = (clipped < unclipped) & count
+        clipfrac = was_clipped.sum() / n_pos
+        approx_kl = torch.where(count, (ratio - 1.0) - diff, torch.zeros_like(diff)).sum() / n_pos
+        page_w = diff.sum(-1).exp()[vm]
+        ess = (page_w.sum() ** 2 / (page_w.pow(2).sum() * page_w.numel()).clamp_min(1e-12)) if page_w.numel() else torch.tensor(1.0)
+        ratio_max = ratio[count].max() if bool(count.any()) else torch.tensor(1.0)
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ess": ess, "ratio_max": ratio_max}
+
+
+def kl_to_reference(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    position_weights: torch.Tensor,
+    page_mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(policy || reference) estimated on the sampled pages with the k3 estimator
+    `exp(ref - logp) - (ref - logp) - 1` per position (non-negative, unbiased; the form
+    GRPO uses), position-weighted and averaged over counted pages. Differentiable in `logp`.
+
+    Shapes as `clipped_policy_loss`; `ref_logp` gets no gradient.
+    """
+    B, G, L = logp.shape
+    pm = torch.ones_like(logp, dtype=torch.bool) if page_mask is None else page_mask
+    vm = torch.ones(B, G, dtype=torch.bool, device=logp.device) if valid is None else valid
+    count = pm & vm.unsqueeze(-1)
+    d = torch.where(count, ref_logp.detach() - logp, torch.zeros_like(logp))
+    k3 = d.exp() - d - 1.0
+    w = position_weights.to(logp).reshape(1, 1, L)
+    return ((w * k3).sum(-1) * vm.to(logp)).sum() / vm.sum().clamp_min(1)

@@ -180,6 +180,37 @@ DERIVED_KEYS: dict[str, str] = {
     "<figure>_std": "sample standard deviation of the figure over training seeds (summary.json rows; null with one seed)",
 }
 
+#: Keys of an online run's metrics.jsonl (`dualrerank online`, one line per stream step);
+#: `<name>` is a reward dimension (click, long_view, watch_time, reformulate, a rule's
+#: name), `<stage>` a stage of the step. `eval/*` appear every `eval_every` steps.
+ONLINE_KEYS: dict[str, str] = {
+    "step": "0-based stream step",
+    "segment": "drift segment the step lies in (number of drift events in force)",
+    "rewards/<name>/mean": "mean reward of that dimension over the step's pages with a finite value (raw units)",
+    "advantage/share/<name>": "that dimension's share of the mean absolute advantage (before any batch norm)",
+    "advantage/abs_mean": "mean absolute advantage over the step's pages",
+    "groups/zero_spread_share": "share of requests whose group of pages tie in every reward dimension (zero advantage)",
+    "groups/masked_pages": "pages left out because a reward was NaN or infinite",
+    "groups/duplicate_page_share": "share of sampled pages that equal another page of their group",
+    "policy/loss": "the student's loss in the last of the K epochs (clipped surrogate plus anchor)",
+    "policy/clipfrac": "share of counted positions whose ratio was clipped (last epoch)",
+    "policy/approx_kl": "mean (rho - 1) - log rho over counted positions: KL(sampling policy || current), last epoch",
+    "policy/ess": "effective sample size of the page importance weights, as a share of the pages (last epoch)",
+    "policy/ratio_max": "largest per-position ratio rho (exactly 1 in the first epoch of a step)",
+    "policy/kl_ref": "grpo, dr_grpo, gdpo: KL to the starting student on the sampled pages",
+    "policy/entropy": "mean entropy of the student's rows over the valid candidates when serving",
+    "kd/loss": "ldro presets: the KD anchor's position-weighted KL(q_t || p_t) to the teacher",
+    "teacher/loss": "the teacher's supervised loss on the step's shown pages",
+    "evaluator/loss": "the evaluator's click/long-view BCE on the step's shown pages",
+    "scale/jumps": "stream-scale presets: dimensions re-estimated at once so far (a scale jump, e.g. a unit change)",
+    "perf/requests_per_second": "requests of the step over the step's wall-clock seconds (evaluation excluded)",
+    "perf/seconds/<stage>": "seconds of that stage: serve, feedback, reward, advantage, policy, teacher_evaluator, log",
+    "eval/normalized_utility": "the student's greedy pages on the current segment's fixed evaluation set (ratio of sums)",
+    "eval/teacher_normalized_utility": "the teacher's greedy pages on the same set",
+    "eval/ptar": "PTAR of the student's greedy pages to the teacher's on that set",
+    "eval/collapse_rate": "the student's collapse rate on that set",
+}
+
 #: Every literal logged name and its meaning.
 LOGGED_KEYS: dict[str, str] = {**FIGURES, **EPOCH_KEYS, **RUN_FIELDS, **SUMMARY_FIELDS}
 
@@ -199,6 +230,15 @@ def describe_key(key: str) -> str | None:
         return f"{FIGURES[key[len('valid_'):]]}; on the validation requests, every epoch"
     if key.endswith("_std") and key[: -len("_std")] in FIGURES:
         return f"standard deviation over seeds of: {FIGURES[key[: -len('_std')]]}"
+    if key in ONLINE_KEYS:
+        return ONLINE_KEYS[key]
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean":
+        return ONLINE_KEYS["rewards/<name>/mean"]
+    if len(parts) == 3 and parts[:2] == ["advantage", "share"]:
+        return ONLINE_KEYS["advantage/share/<name>"]
+    if len(parts) == 3 and parts[:2] == ["perf", "seconds"]:
+        return ONLINE_KEYS["perf/seconds/<stage>"]
     return None
 
 
