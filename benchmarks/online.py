@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_opt=torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr),
         evaluator_opt=torch.optim.AdamW(evaluator.parameters(), lr=cfg.evaluator_lr),
         scale=RewardScale(len(reward_system(cfg, evaluator).names), cfg.scale_momentum, cfg.scale_warmup, cfg.scale_jump),
+        watch_ratio=RewardScale(1, cfg.scale_momentum, cfg.scale_warmup, cfg.scale_jump),
     )
     rps, stages = [], {}
     for i in range(args.warmup + args.steps):

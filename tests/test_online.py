@@ -136,3 +136,37 @@ def test_a_reward_spike_moves_no_parameter_beyond_the_step(method):
         # bias correction; 10 x lr is a generous ceiling that a NaN or an unclipped 1e6 would break.
         assert moved <= 10 * 1e-3
         assert all(torch.isfinite(q).all() for q in student.parameters())
+
+
+def test_curve_figures_by_hand():
+    from dualrerank.train.online_experiment import curve_figures
+
+    steps = [10, 20, 30, 40, 50, 60]
+    nu = [0.1, 0.3, 0.5, 0.5, 0.2, 0.48]
+    fig = curve_figures(steps, nu, shifts=[45.0], window=2)
+    assert fig["final_normalized_utility"] == pytest.approx(0.34)
+    assert fig["auc_normalized_utility"] == pytest.approx(sum(nu) / 6)
+    # 90% of the way from 0.1 to 0.34 is 0.316: first reached at step 30.
+    assert fig["steps_to_90pct"] == 30
+    # Level before the shift: mean(0.5, 0.5) = 0.5; back to >= 0.45 at step 60 -> 15 steps after it.
+    assert fig["recovery_steps"] == [15.0]
+    assert curve_figures(steps, [0.5, 0.4, 0.3, 0.2, 0.1, 0.0], [55.0], 1)["recovery_steps"] == [None]
+
+
+def test_online_experiment_writes_summary_report_and_plots(parts, tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        "methods: [grpo, ldro]\nseeds: [0]\nfinal_window: 1\n"
+        "online: {steps: 4, batch_size: 8, group: 4, page_length: 4, eval_every: 2, eval_requests: 12}\n"
+        "streams:\n  '0': {}\n  A:\n    drift: [{step: 2, kind: reward, dimension: watch_time, scale: 1000.0}]\n"
+    )
+    out = tmp_path / "exp"
+    assert main(["experiment", "online", "--from", str(parts), "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"grpo", "ldro"} and set(summary["methods"]["ldro"]) == {"0", "A"}
+    fig = summary["methods"]["ldro"]["A"]
+    assert {"final_normalized_utility", "auc_normalized_utility", "steps_to_90pct", "recovery_steps"} <= set(fig)
+    assert len(fig["recovery_steps"]) == 1
+    for name in ("report.md", "curves_0.png", "curves_A.png", "curves_0.csv"):
+        assert (out / name).is_file(), name
+    assert "## Stream A" in (out / "report.md").read_text()

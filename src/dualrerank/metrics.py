@@ -209,6 +209,10 @@ ONLINE_KEYS: dict[str, str] = {
     "eval/teacher_normalized_utility": "the teacher's greedy pages on the same set",
     "eval/ptar": "PTAR of the student's greedy pages to the teacher's on that set",
     "eval/collapse_rate": "the student's collapse rate on that set",
+    "final_normalized_utility": "online experiment: mean of a run's last evaluations (mean over seeds)",
+    "auc_normalized_utility": "online experiment: mean of all a run's evaluations (area under the curve over its length)",
+    "steps_to_90pct": "online experiment: first evaluated step at which the curve covered 90% of its way from its first evaluation to its final level",
+    "recovery_steps": "online experiment: per shift, steps until the curve is back to 90% of its level before the shift (null: some seed never)",
 }
 
 #: Every literal logged name and its meaning.

@@ -252,8 +252,13 @@ def plot_curves(
     *,
     x: str = "epoch",
     title: str | None = None,
+    marks: Sequence[float] = (),
+    band: str | None = None,
 ) -> Path | None:
     """Plot training curves: one subplot per key, one line per series (run or model name).
+
+    `marks`: x positions of events (a drift or reward shift), drawn as dashed vertical
+    lines. `band`: a key suffix (e.g. "_std") whose value shades mean +- that around a curve.
 
     `series` maps a name to its metrics records (as `read_metrics` returns them). A key with
     no finite number in any record of any series is skipped; when every key is skipped no
@@ -284,6 +289,14 @@ def plot_curves(
             uses_x |= any(_number(r.get(x)) is not None for r in records)
             (line,) = ax.plot(xs, ys, color=f"C{i % 10}", marker="o" if len(xs) <= 40 else None, markersize=3, linewidth=1.5, label=name)
             handles.setdefault(name, line)
+            if band is not None:
+                bx, bs = _curve_points(records, key + band, x)
+                if bx and len(bx) == len(xs):
+                    lo = [y - s_ for y, s_ in zip(ys, bs)]
+                    hi = [y + s_ for y, s_ in zip(ys, bs)]
+                    ax.fill_between(xs, lo, hi, color=f"C{i % 10}", alpha=0.15, linewidth=0)
+        for m in marks:
+            ax.axvline(m, color="0.4", linestyle="--", linewidth=1)
         ax.set_title(key)
         ax.set_xlabel(x if uses_x else "record")
         ax.grid(True, alpha=0.3)
@@ -553,3 +566,76 @@ def write_run_report(run_dir: Path, title: str) -> Path:
     if config.is_file():
         md += ["## Config", "", "```yaml", config.read_text(encoding="utf-8").rstrip("\n"), "```", ""]
     return _write_text(run_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
+
+
+# --------------------------------------------------------------------------- online experiment
+
+ONLINE_COLUMNS = ("method", "final_normalized_utility", "auc_normalized_utility", "steps_to_90pct", "recovery_steps")
+
+
+def write_online_report(
+    out_dir: Path,
+    summary: Mapping[str, Any],
+    curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+    marks: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    commands: Sequence[str],
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write an online experiment's `summary.json`, `report.md`, one `curves_<stream>.csv`
+    and one `curves_<stream>.png` (normalized utility over steps, methods overlaid, mean
+    +- std over seeds shaded, shifts marked) per stream.
+
+    summary: {"methods": {method: {stream: figures}}, "references": {stream: {...}}, ...}.
+    curves:  stream -> method -> records {"step", "normalized_utility", "normalized_utility_std"}.
+    marks:   stream -> the steps of its shifts.
+    """
+    import csv
+    import io
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    non_finite: list[str] = []
+    clean = _jsonable(dict(summary), "summary", non_finite)
+    plots: list[str] = []
+    for stream, by_method in curves.items():
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["method", "step", "normalized_utility", "normalized_utility_std"])
+        for method, recs in by_method.items():
+            for r in recs:
+                w.writerow([method, r["step"], r.get("normalized_utility"), r.get("normalized_utility_std")])
+        _write_text(out_dir / f"curves_{_slug(stream)}.csv", buf.getvalue())
+        png = plot_curves(by_method, ["normalized_utility"], out_dir / f"curves_{_slug(stream)}.png", x="step",
+                          title=f"{title}: stream {stream}", marks=marks.get(stream, ()), band="_std")
+        if png is not None:
+            plots.append(png.name)
+    clean.update({"title": title, "commands": list(commands), "notes": list(notes), "plots": plots, "non_finite": non_finite})
+    _write_text(out_dir / "summary.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+
+    md = [f"# {title}", ""]
+    if commands:
+        md += ["Produced by:", "", "```bash", *commands, "```", ""]
+    streams = list(dict.fromkeys(s for per in summary.get("methods", {}).values() for s in per))
+    for stream in streams:
+        md += [f"## Stream {stream}", ""]
+        ref = summary.get("references", {}).get(stream)
+        if ref:
+            md += ["Reference levels on the stream's first evaluation set: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in ref.items() if isinstance(v, (int, float))) + ".", ""]
+        rows = []
+        for method, per in summary["methods"].items():
+            if stream not in per:
+                continue
+            fig = dict(per[stream])
+            rec = fig.pop("recovery_steps", None)
+            fig["recovery_steps"] = "–" if not rec else ", ".join("never" if r is None else f"{r:g}" for r in rec)
+            rows.append({"method": method, **fig})
+        md += [markdown_table(rows, list(ONLINE_COLUMNS)), ""]
+        if f"curves_{_slug(stream)}.png" in plots:
+            md += [f"[![curves_{_slug(stream)}.png](curves_{_slug(stream)}.png)](curves_{_slug(stream)}.png)", ""]
+    md += ["Cells read mean ± std over seeds. Columns:", "", *key_glossary(ONLINE_COLUMNS[1:]), ""]
+    if notes:
+        md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    _write_text(out_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
+    return clean

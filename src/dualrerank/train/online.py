@@ -16,9 +16,9 @@ One step (`online_step`), top to bottom:
    first sample) and the world returns feedback for it only; `exposure: all` returns
    feedback for every page (a simulation shortcut).
 3. **reward**: the reward system scores every page (`reward.py`): realised feedback where
-   shown, the evaluator's prediction elsewhere (clicks and long views; watch time and
-   reformulation exist only for shown pages, so they are reward dimensions under
-   `exposure: all` only), plus prior rules.
+   shown, a prediction elsewhere (the evaluator's clicks and long views; watch time as
+   predicted long views times the stream's watch time per long view; reformulation is a
+   reward dimension under `exposure: all` only), plus prior rules.
 4. **advantage**: the method's preset (`METHODS`): group centring per dimension or of the
    weighted sum, scaled by the group std, by nothing, or by the stream scale
    (`RewardScale`: an EMA per dimension, the weights calibrated once by the warm-up scale).
@@ -220,6 +220,7 @@ class OnlineState:
     teacher_opt: torch.optim.Optimizer | None
     evaluator_opt: torch.optim.Optimizer | None
     scale: RewardScale
+    watch_ratio: RewardScale
     step: int = 0
     eval_sets: dict[int, Any] = field(default_factory=dict)
 
@@ -232,17 +233,29 @@ def _weights_at(cfg: OnlineConfig, step: int) -> RewardWeights:
     return w
 
 
-def reward_system(cfg: OnlineConfig, evaluator: nn.Module) -> RewardSystem:
-    """The default rules: posterior click and long view (evaluator prediction where not
-    shown); under `exposure: all` also watch time and reformulation; the duplicate-item
-    prior when its weight is non-zero."""
+def reward_system(cfg: OnlineConfig, evaluator: nn.Module, watch_per_long_view: RewardScale | None = None) -> RewardSystem:
+    """The default rules: posterior click and long view (the evaluator's prediction where
+    not shown) and watch time; under `exposure: all` also reformulation; the duplicate-item
+    prior when its weight is non-zero.
+
+    [ours] The evaluator has click and long-view heads only, so under `exposure: one` the
+    watch time of a page that was not shown is predicted as its predicted long views times
+    the stream's watch time per long view (`watch_per_long_view`: a running ratio over the
+    shown pages, re-estimated at once when it jumps, e.g. after a unit change)."""
+    long_views = evaluator_rule(evaluator, 1)
     rules: dict[str, Any] = {
         "click": posterior("click", evaluator_rule(evaluator, 0)),
-        "long_view": posterior("long_view", evaluator_rule(evaluator, 1)),
+        "long_view": posterior("long_view", long_views),
     }
     if cfg.exposure == "all":
         rules["watch_time"] = posterior("watch_time")
         rules["reformulate"] = posterior("reformulate")
+    else:
+        def watch(batch: RerankBatch, pages: torch.Tensor) -> torch.Tensor:
+            ratio = watch_per_long_view.ema[0] if watch_per_long_view is not None else torch.tensor(float("nan"))
+            return long_views(batch, pages) * (ratio if bool(torch.isfinite(ratio)) else 0.0)
+
+        rules["watch_time"] = posterior("watch_time", watch)
     if cfg.weights.duplicate_items != 0 or any(c.weights.duplicate_items != 0 for c in cfg.weight_schedule):
         rules["duplicate_items"] = duplicate_items
     return RewardSystem(rules)
@@ -311,7 +324,6 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
     torch.manual_seed(cfg.seed * 1_000_003 + state.step)
     world_t = world.at_step(state.step)
     lam = _weights_at(cfg, state.step)
-    system = reward_system(cfg, state.evaluator)
 
     # 1. serve
     ws, batch = world_t.sample_requests(B, gen)
@@ -341,11 +353,14 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
         per_position = {n: pad.clone().index_copy_(1, torch.tensor([0]), getattr(fb, n).unsqueeze(1)) for n in FEEDBACK_NAMES}
         per_page = {"reformulate": torch.zeros(B, G).index_copy_(1, torch.tensor([0]), fb.reformulate.unsqueeze(1))}
     feedback = PageFeedback(per_position, shown, per_page)
+    lv = feedback.page_total("long_view")[shown].sum()
+    if bool(lv > 0):
+        state.watch_ratio.observe((feedback.page_total("watch_time")[shown].sum() / lv).reshape(1))
 
     lap("feedback")
 
     # 3. reward
-    rv = system(batch, pages, feedback)
+    rv = reward_system(cfg, state.evaluator, state.watch_ratio)(batch, pages, feedback)
     lam_vec = torch.tensor([getattr(lam, n) for n in rv.names])
 
     lap("reward")
@@ -496,7 +511,8 @@ def _snapshot(path: Path, state: OnlineState, log: MetricsLog) -> None:
         "student_opt": state.student_opt.state_dict(),
         "teacher_opt": state.teacher_opt.state_dict() if state.teacher_opt else {},
         "evaluator_opt": state.evaluator_opt.state_dict() if state.evaluator_opt else {},
-        "scale": state.scale.state(), "step": state.step, "metrics_bytes": log.size(),
+        "scale": state.scale.state(), "watch_ratio": state.watch_ratio.state(), "step": state.step,
+        "metrics_bytes": log.size(),
     })
 
 
@@ -528,6 +544,7 @@ def run_online(
         teacher_opt=torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr) if cfg.teacher_lr > 0 else None,
         evaluator_opt=torch.optim.AdamW(evaluator.parameters(), lr=cfg.evaluator_lr) if cfg.evaluator_lr > 0 else None,
         scale=RewardScale(D, cfg.scale_momentum, cfg.scale_warmup, cfg.scale_jump),
+        watch_ratio=RewardScale(1, cfg.scale_momentum, cfg.scale_warmup, cfg.scale_jump),
     )
     log = MetricsLog(out / "metrics.jsonl")
     snap = out / "online.pt"
@@ -541,6 +558,7 @@ def run_online(
         if state.evaluator_opt is not None:
             state.evaluator_opt.load_state_dict(saved["evaluator_opt"])
         state.scale.load(saved["scale"])
+        state.watch_ratio.load(saved["watch_ratio"])
         state.step = int(saved["step"])
         log.truncate(int(saved["metrics_bytes"]))
     elif not resume:
