@@ -203,3 +203,27 @@ def test_shipped_configs_load_and_plan_every_row(name):
 
     cfg = load_config(ExperimentConfig, REPO / "configs" / f"offline_{name}.yaml")
     assert sorted(check_experiment(cfg)) == sorted(ROWS)
+
+
+def test_tree_benchmark_tabulates_rows_over_folds(tmp_path, capsys):
+    """benchmarks/tree_baselines.py: one experiment per fold (the synthetic source ignores
+    `data.fold`, so both folds are the same run and the std over folds is 0)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tree_baselines", REPO / "benchmarks" / "tree_baselines.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "trees"
+    argv = ["--config", str(_config(tmp_path)), "--out", str(out), "--folds", "1", "2", "--metric", "normalized_utility",
+            "--catboost-loss", "QueryRMSE"]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "tree_baselines.json").read_text())
+    by = {r["model"]: r for r in result["rows"]}
+    assert list(by) == ["upstream", "lambdamart", "catboost", "catboost[QueryRMSE]"]
+    for row in by.values():
+        assert len(row["per_fold"]) == 2 and row["per_fold"][0] == pytest.approx(row["per_fold"][1])
+        assert row["normalized_utility"] == pytest.approx(row["per_fold"][0]) and row["normalized_utility_std"] == pytest.approx(0.0)
+    fit = json.loads((out / "fold1-QueryRMSE" / "runs" / "catboost" / "seed0" / "checkpoint" / "config.json").read_text())
+    assert fit["config"]["loss"] == "QueryRMSE"
+    assert "| catboost[QueryRMSE] |" in printed and "mean ± std over folds" in printed
