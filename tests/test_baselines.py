@@ -393,3 +393,13 @@ def test_tree_fit_shows_one_tick_per_tree(capsys, monkeypatch):
     assert "catboost trees" in capsys.readouterr().err
     CatBoostRank(cb_config(n_estimators=3)).fit(batch)
     assert capsys.readouterr().err == ""  # quiet by default (no bar, no CatBoost log)
+
+
+@pytest.mark.parametrize("name", ["catboost", "lambdamart"])
+def test_run_seed_reaches_tree_models_unless_the_config_sets_one(name):
+    from dualrerank.train.splits import SplitConfig, load_splits
+    from dualrerank.train.supervised import build_for_data
+
+    train = load_splits(SplitConfig(train_requests=20, valid_requests=5, test_requests=5, page_length=4)).train
+    assert build_for_data(name, {}, train, seed=3).config.seed == 3
+    assert build_for_data(name, {"seed": 5}, train, seed=3).config.seed == 5

@@ -38,10 +38,12 @@ def small_model(name: str, seed: int = 0):
         cfg = replace(cfg, encoder=replace(cfg.encoder, **SMALL_ENCODER))
     if name == "lambdamart":
         cfg = replace(cfg, n_estimators=5, min_child_samples=2)
+    if name == "catboost":
+        cfg = replace(cfg, n_estimators=5)
     torch.manual_seed(seed)
     model = build_model(name, cfg)
     batch = small_batch()
-    if name == "lambdamart":
+    if name in ("lambdamart", "catboost"):
         model.fit(batch)
     elif hasattr(model, "fit_normalizer"):
         model.fit_normalizer(batch)
@@ -87,7 +89,7 @@ def test_registry_errors_and_dict_configs():
 
 
 # ---------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("name", ["teacher", "student", "evaluator", "dnn", "prm", "upstream", "lambdamart"])
+@pytest.mark.parametrize("name", ["teacher", "student", "evaluator", "dnn", "prm", "upstream", "lambdamart", "catboost"])
 def test_round_trip_gives_identical_outputs(tmp_path: Path, name: str):
     model = small_model(name)
     batch = small_batch(seed=1)

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.train.supervised import TrainConfig
 
     p = subparsers.add_parser(
-        "train", help="train a model (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, upstream)",
+        "train", help="train a model (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, catboost, upstream)",
         description="Train one model on a data source; writes config.yaml, metrics.jsonl, a checkpoint, "
         "eval.json (test figures) and report.md into --out.",
     )

@@ -1,7 +1,7 @@
 """Models: shared encoder and layers, AR teacher, NAR student, list-wise evaluator, baselines.
 
 Names are resolved lazily so that `import dualrerank.models` imports neither every model
-nor LightGBM; `dualrerank.models.registry` maps model names to classes and configs, and
+nor LightGBM and CatBoost; `dualrerank.models.registry` maps model names to classes and configs, and
 `dualrerank.models.checkpoint` saves and loads them.
 """
 
@@ -27,6 +27,9 @@ _LAZY = {
     "PRMConfig": "dualrerank.models.baselines",
     "LambdaMART": "dualrerank.models.baselines",
     "LambdaMARTConfig": "dualrerank.models.baselines",
+    "CatBoostRank": "dualrerank.models.baselines",
+    "CatBoostConfig": "dualrerank.models.baselines",
+    "CATBOOST_LOSSES": "dualrerank.models.baselines",
     "MODELS": "dualrerank.models.registry",
     "build_model": "dualrerank.models.registry",
     "default_config": "dualrerank.models.registry",

@@ -181,7 +181,7 @@ class DNNConfig:
     candidate_dim: int = option(0, "candidate feature width d (set from the data)")
     context_dim: int = option(0, "context feature width c (set from the data)")
     hidden: tuple[int, ...] = option((128, 64), "hidden layer widths of the MLP")
-    dropout: float = option(0.1, "dropout after each hidden layer")
+    dropout: float = option(0.1, "dropout after each hidden layer", ge=0, lt=1)
 
 
 class PointwiseDNN(_ListwiseTrained, nn.Module):

@@ -43,7 +43,7 @@ from dualrerank.train.targets import Targets, logged_targets
 @dataclass
 class TrainConfig:
     seed: int = option(0, "seed of model initialisation and minibatch order")
-    model: str = option("teacher", "registered model name (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, upstream)")
+    model: str = option("teacher", "registered model name (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, catboost, upstream)")
     data: SplitConfig = option(factory=SplitConfig, help="data source and splits")
     optim: OptimConfig = option(factory=OptimConfig, help="optimiser and early stopping")
     objective: GeneratorObjectiveConfig = option(factory=GeneratorObjectiveConfig, help="list-generator objective and targets")
@@ -58,10 +58,15 @@ def _model_config(name: str, overrides: dict[str, Any], batch: RerankBatch) -> A
 
 
 def build_for_data(name: str, overrides: dict[str, Any], train: RerankBatch, seed: int) -> Any:
-    """Model `name` sized for `train`'s features, with its normaliser fitted on `train`."""
+    """Model `name` sized for `train`'s features, with its normaliser fitted on `train`.
+    A model whose config has its own `seed` (the tree rankers) gets the run's seed unless
+    `overrides` sets one."""
     torch.manual_seed(seed)  # layer init draws from the default generator; seed it per run
     spec = get_spec(name)
-    model = spec.model_class(_model_config(name, overrides, train))
+    cfg = _model_config(name, overrides, train)
+    if "seed" not in overrides and any(f.name == "seed" for f in dataclasses.fields(cfg)):
+        cfg = dataclasses.replace(cfg, seed=seed)
+    model = spec.model_class(cfg)
     if hasattr(model, "fit_normalizer"):
         model.fit_normalizer(train)
     return model
@@ -179,7 +184,7 @@ def train_model(
 
     if spec.kind == "tree":
         with clock(cfg.model):
-            info = model.fit(splits.train, splits.valid.batch)
+            info = model.fit(splits.train, splits.valid.batch, progress=progress)
         save_checkpoint(model, run_dir / "checkpoint", cfg.model, extra={"fit": info})
     elif spec.kind == "scorer" and not any(p.requires_grad for p in model.parameters()):
         save_checkpoint(model, run_dir / "checkpoint", cfg.model, extra={})
