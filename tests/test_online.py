@@ -170,3 +170,43 @@ def test_online_experiment_writes_summary_report_and_plots(parts, tmp_path, caps
     for name in ("report.md", "curves_0.png", "curves_A.png", "curves_0.csv"):
         assert (out / name).is_file(), name
     assert "## Stream A" in (out / "report.md").read_text()
+
+
+def test_online_without_from_trains_its_parts_first(tmp_path, monkeypatch):
+    import dualrerank.train.online as online
+    import dualrerank.train.supervised as supervised
+    from dualrerank.train.splits import SplitConfig as RealSplit
+
+    # Tiny default splits and epochs so the bootstrap runs in seconds.
+    tiny = dict(train_requests=120, valid_requests=24, test_requests=24)
+    monkeypatch.setattr("dualrerank.train.splits.SplitConfig",
+                        lambda **kw: RealSplit(**{**tiny, **kw}))
+    real_train = supervised.train_model
+
+    def quick_train(cfg, run_dir, **kw):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=1),
+                                  evaluator_optim=dataclasses.replace(cfg.evaluator_optim, epochs=1),
+                                  model_config=SMALL, evaluator_config={"encoder": SMALL["encoder"]})
+        return real_train(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(supervised, "train_model", quick_train)
+    from dualrerank.train import distill as distill_mod
+
+    real_distill = distill_mod.distill_model
+
+    def quick_distill(cfg, run_dir, teacher_dir, **kw):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=1), model_config=SMALL)
+        return real_distill(cfg, run_dir, teacher_dir, **kw)
+
+    monkeypatch.setattr(distill_mod, "distill_model", quick_distill)
+    student = online.bootstrap(_cfg(page_length=4), tmp_path / "boot", progress=False)
+    assert (student / "checkpoint" / "config.json").is_file()
+    assert (tmp_path / "boot" / "teacher" / "evaluator" / "checkpoint").is_dir()
+    mtime = (student / "eval.json").stat().st_mtime
+    online.bootstrap(_cfg(page_length=4), tmp_path / "boot", progress=False)  # reused, not retrained
+    assert (student / "eval.json").stat().st_mtime == mtime
+    run_online(_cfg(steps=2), tmp_path / "run", student, progress=False)

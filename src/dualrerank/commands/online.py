@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluator on the exposures. Writes config.yaml, metrics.jsonl (one line per step), online.pt (resume point) "
         "and the final student/, teacher/, evaluator/ checkpoints into --out.",
     )
-    p.add_argument("--from", dest="from_dir", type=Path, required=True,
-                   help="a distill run directory: its student, the teacher it names and that teacher's evaluator")
+    p.add_argument("--from", dest="from_dir", type=Path, default=None,
+                   help="a distill run directory: its student, the teacher it names and that teacher's evaluator "
+                   "(default: train them first, with the default train and distill settings, into OUT-bootstrap/)")
     p.add_argument("--method", default=None, choices=sorted(METHODS), help="method preset (default: the config's, else ldro)")
     p.add_argument("--steps", type=int, default=None, help="override steps")
     add_run_args(p)
@@ -38,7 +39,15 @@ def _run(args: argparse.Namespace) -> int:
     from dualrerank.train.online import OnlineConfig, run_online
 
     cfg = load_run_config(OnlineConfig, args, {"method": args.method, "steps": args.steps})
-    result = run_online(cfg, args.out, args.from_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    from_dir = args.from_dir
+    if from_dir is None:
+        from dualrerank.commands._common import note
+        from dualrerank.train.online import bootstrap
+
+        boot = args.out.parent / f"{args.out.name}-bootstrap"
+        note("online", f"no --from: training the teacher, evaluator and student first into {boot} (reused when finished)")
+        from_dir = bootstrap(cfg, boot, progress=not args.quiet)
+    result = run_online(cfg, args.out, from_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
         print_json(result)
     else:

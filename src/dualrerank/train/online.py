@@ -66,7 +66,7 @@ from dualrerank.train.runstate import MetricsLog, load_snapshot, prepare_run_dir
 from dualrerank.train.supervised import step_logits_fn
 from dualrerank.train.targets import logged_targets
 
-__all__ = ["OnlineConfig", "MethodPreset", "METHODS", "RewardScale", "OnlineState", "online_step", "run_online"]
+__all__ = ["OnlineConfig", "MethodPreset", "METHODS", "RewardScale", "OnlineState", "online_step", "run_online", "bootstrap"]
 
 
 # --------------------------------------------------------------------------- methods
@@ -502,6 +502,25 @@ def _parts_from(from_dir: Path) -> tuple[nn.Module, nn.Module, nn.Module, str]:
     teacher_name = json.loads(((teacher_dir / "checkpoint" if (teacher_dir / "checkpoint").is_dir() else teacher_dir)
                                / "config.json").read_text())["model"]
     return student, teacher, evaluator, teacher_name
+
+
+def bootstrap(cfg: OnlineConfig, directory: Path, progress: bool = True) -> Path:
+    """Train what an online run starts from when no distillation run is given: the AR
+    teacher (with its evaluator, default `train` settings) and the SKD student (default
+    `distill` settings) on logs of the online world, into `directory/teacher` and
+    `directory/student`; finished parts are reused. Returns the student's run directory.
+    With the defaults this takes about 20 minutes on 2 cores (docs/training.md)."""
+    from dualrerank.train.distill import distill_model
+    from dualrerank.train.splits import SplitConfig
+    from dualrerank.train.supervised import TrainConfig, train_model
+
+    directory = Path(directory)
+    data = SplitConfig(path=cfg.world, seed=cfg.world_seed, page_length=cfg.page_length)
+    if not (directory / "teacher" / "eval.json").is_file():
+        train_model(TrainConfig(data=data), directory / "teacher", overwrite=True, progress=progress)
+    if not (directory / "student" / "eval.json").is_file():
+        distill_model(DistillConfig(data=data), directory / "student", directory / "teacher", overwrite=True, progress=progress)
+    return directory / "student"
 
 
 def _snapshot(path: Path, state: OnlineState, log: MetricsLog) -> None:
