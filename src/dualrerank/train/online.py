@@ -12,8 +12,8 @@ One step (`online_step`), top to bottom:
    so importance ratios are exactly 1 before the first update) gives `Z`, and G pages per
    request are drawn by vectorised Gumbel-Max (page 0 greedy if `include_greedy`), with
    their per-position log-probabilities under the sampling policy.
-2. **feedback**: `exposure: one` shows one page per request (the greedy member, or the
-   first sample) and the world returns feedback for it only; `exposure: all` returns
+2. **feedback**: `exposure: one` shows one page per request (`show`: the greedy member, or
+   the first sample) and the world returns feedback for it only; `exposure: all` returns
    feedback for every page (a simulation shortcut).
 3. **reward**: the reward system scores every page (`reward.py`): realised feedback where
    shown, a prediction elsewhere (the evaluator's clicks and long views; watch time as
@@ -128,8 +128,13 @@ class OnlineConfig:
     group: int = option(8, "pages per request (G)", ge=2)
     temperature: float = option(1.0, "Gumbel-Max sampling temperature", gt=0)
     include_greedy: bool = option(True, "page 0 of every group is the student's greedy page")
-    exposure: str = option("one", "'one': users see one page per request (page 0); 'all': every page gets feedback",
+    exposure: str = option("one", "'one': users see one page per request (see show); 'all': every page gets feedback",
                            choices=("one", "all"))
+    show: str = option(
+        "sample", "exposure one: the page users see: 'greedy' (page 0, the student's greedy page) or 'sample' (a "
+        "Gumbel-Max sample: real feedback off the greedy path, so the evaluator learns where the policy explores)",
+        choices=("greedy", "sample"),
+    )
     page_length: int = option(10, "page length L", ge=1)
     lr: float = option(1e-4, "student learning rate (AdamW)", gt=0)
     epochs: int = option(2, "K clipped epochs per step", ge=1)
@@ -339,7 +344,8 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
 
     lap("serve")
 
-    # 2. feedback
+    # 2. feedback (under exposure one, users see page k of every group)
+    k = _shown_index(cfg)
     shown = torch.zeros(B, G, dtype=torch.bool)
     if cfg.exposure == "all":
         shown[:] = True
@@ -347,11 +353,12 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
         per_position = {"click": fb.click, "long_view": fb.long_view, "watch_time": fb.watch_time}
         per_page = {"reformulate": fb.reformulate}
     else:
-        shown[:, 0] = True
-        fb = world_t.sample_feedback(ws, pages[:, 0], gen)
+        shown[:, k] = True
+        fb = world_t.sample_feedback(ws, pages[:, k], gen)
         pad = torch.zeros(B, G, L)
-        per_position = {n: pad.clone().index_copy_(1, torch.tensor([0]), getattr(fb, n).unsqueeze(1)) for n in FEEDBACK_NAMES}
-        per_page = {"reformulate": torch.zeros(B, G).index_copy_(1, torch.tensor([0]), fb.reformulate.unsqueeze(1))}
+        at = torch.tensor([k])
+        per_position = {n: pad.clone().index_copy_(1, at, getattr(fb, n).unsqueeze(1)) for n in FEEDBACK_NAMES}
+        per_page = {"reformulate": torch.zeros(B, G).index_copy_(1, at, fb.reformulate.unsqueeze(1))}
     feedback = PageFeedback(per_position, shown, per_page)
     lv = feedback.page_total("long_view")[shown].sum()
     if bool(lv > 0):
@@ -420,7 +427,7 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
     lap("policy")
 
     # 6. teacher and evaluator learn from the exposures
-    logged = _exposures(batch, pages[:, 0], feedback)
+    logged = _exposures(batch, pages[:, k], feedback, k)
     if state.teacher_opt is not None:
         state.teacher.train()
         extras = generator_extras(logged, logged_targets(logged, L, True))
@@ -467,12 +474,20 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
     return record
 
 
-def _exposures(batch: RerankBatch, shown_pages: torch.Tensor, feedback: PageFeedback) -> RerankBatch:
-    """The shown pages (one per request: page 0 of each group) with their realised feedback,
+def _shown_index(cfg: OnlineConfig) -> int:
+    """Which page of each group users see under `exposure: one` (and which page the teacher
+    and evaluator learn from under `exposure: all`): the greedy page 0, or the first sample."""
+    if cfg.show == "greedy" and not cfg.include_greedy:
+        raise ConfigError("show: 'greedy' needs include_greedy: true (page 0 is then the greedy page)")
+    return 0 if cfg.show == "greedy" or not cfg.include_greedy else 1
+
+
+def _exposures(batch: RerankBatch, shown_pages: torch.Tensor, feedback: PageFeedback, k: int) -> RerankBatch:
+    """The shown pages (one per request: page k of each group) with their realised feedback,
     as logged requests (what the teacher and evaluator train on)."""
     import dataclasses
 
-    per_pos = torch.stack([feedback.per_position[n][:, 0] for n in FEEDBACK_NAMES], dim=-1)  # [B, L, 3]
+    per_pos = torch.stack([feedback.per_position[n][:, k] for n in FEEDBACK_NAMES], dim=-1)  # [B, L, 3]
     return dataclasses.replace(
         batch, logged_page=shown_pages, logged_page_mask=torch.ones_like(shown_pages, dtype=torch.bool),
         logged_feedback=per_pos, feedback_names=FEEDBACK_NAMES, propensity=None,
