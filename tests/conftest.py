@@ -8,11 +8,17 @@
   the failing example's blob for `@reproduce_failure`. `HYPOTHESIS_PROFILE=thorough` runs
   more, random examples locally (with the database); a test's own `@settings` still
   overrides single fields such as `max_examples`.
+- One definition of where the shared real data sets live (`shared_data`, `require_data`):
+  `$DUALRERANK_DATA` when set and non-empty, else `../shared/data` beside the checkout.
+  Tests that need a data set ask `require_data` for it and skip, naming the missing path
+  and the variable, when it is absent, so the suite passes on a machine without the data.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -37,3 +43,32 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_VARIABLE = "DUALRERANK_DATA"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder: `$DUALRERANK_DATA`, or `../shared/data` beside the checkout
+    when the variable is unset or empty (an empty value does not mean the current folder).
+
+    Session-scoped, so it is read before any test's function-scoped monkeypatch of the
+    variable. The folder may not exist: ask `require_data` for a data set a test needs.
+    """
+    return Path(os.environ.get(DATA_VARIABLE) or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def require_data(shared_data) -> Callable[[str], Path]:
+    """`require_data("letor/MQ2008/S1.txt") -> Path`: the path under the shared data folder,
+    or skip the calling test with a reason naming the missing path and the variable."""
+
+    def require(sub: str) -> Path:
+        path = shared_data / sub
+        if not path.exists():
+            pytest.skip(f"{path} not found (shared data folder {shared_data}; set {DATA_VARIABLE} to point elsewhere)")
+        return path
+
+    return require

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ from dualrerank.schema import RerankBatch
 from dualrerank.sim import World
 
 
-def data_root() -> Path:
-    env = os.environ.get("DUALRERANK_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-MQ2008 = data_root() / "letor" / "MQ2008"
 SVM = "2 qid:a 1:1 2:3\n0 qid:a 1:2\n1 qid:a 2:1\n0 qid:b 1:1\n3 qid:b 1:5\n"
 KEYS = {"source", "path", "num_lists", "num_documents", "items_per_list", "padded_length", "feature_width",
         "context_width", "label_distribution", "has_item_ids", "has_upstream_score", "logged_pages", "notes"}
@@ -185,8 +178,8 @@ def test_data_without_action_prints_help(capsys):
     assert code == 2 and "inspect" in out
 
 
-@pytest.mark.skipif(not (MQ2008 / "S1.txt").is_file(), reason=f"MQ2008 not found at {MQ2008}")
-def test_inspect_mq2008(capsys):
+def test_inspect_mq2008(capsys, require_data):
+    MQ2008 = require_data("letor/MQ2008/S1.txt").parent
     code, out, _ = run(capsys, "data", "inspect", "--source", "letor", "--path", str(MQ2008), "--json")
     assert code == 0
     s = json.loads(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -14,13 +13,6 @@ from dualrerank.data import DataWarning, load_dataset
 from dualrerank.data.mind import MindOptions, load_mind, mind_feature_names
 from dualrerank.errors import ConfigError, DataError
 
-
-def data_root() -> Path:
-    env = os.environ.get("DUALRERANK_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-MIND = data_root() / "mind_small_subset"
 
 BEHAVIORS = (
     "1\tU1\t11/11/2019 9:05:00 AM\tN1 N2\tN3-1 N4-0 N1-0\n"
@@ -177,8 +169,8 @@ def test_repeated_identical_news_row_is_fine(tmp_path):
     assert quiet_load(tmp_path).candidates[0, 0, col("known")] == 1
 
 
-@pytest.mark.skipif(not (MIND / "behaviors.tsv").is_file(), reason=f"MIND subset not found at {MIND}")
-def test_mind_subset_loads():
+def test_mind_subset_loads(require_data):
+    MIND = require_data("mind_small_subset/behaviors.tsv").parent
     with pytest.warns(DataWarning, match="covers 284 of 7457 impressed items"):
         b = load_mind(MIND)
     assert b.batch_size == 5000 and int(b.num_valid.sum()) == 189359

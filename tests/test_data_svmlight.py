@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -22,14 +21,6 @@ from dualrerank.data.svmlight import (
 )
 from dualrerank.errors import ConfigError, DataError
 
-
-def data_root() -> Path:
-    env = os.environ.get("DUALRERANK_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-MQ2008 = data_root() / "letor" / "MQ2008"
-MSLR = data_root() / "mslr_sample"
 
 SMALL = """\
 # a comment line, then a blank line
@@ -336,25 +327,26 @@ def test_train_test_file_pair_holds_out_validation_queries(tmp_path):
 
 
 # ---------------------------------------------------------------------------- real data
-needs_mq2008 = pytest.mark.skipif(not (MQ2008 / "S1.txt").is_file(), reason=f"MQ2008 not found at {MQ2008}")
+@pytest.fixture(scope="module")
+def mq2008(require_data) -> Path:
+    """The MQ2008 folder (its S1.txt present), or skip."""
+    return require_data("letor/MQ2008/S1.txt").parent
 
 
 @pytest.fixture(scope="module")
-def mq2008_parts():
-    return {s: load_svmlight(MQ2008 / f"{s}.txt", SvmlightOptions()) for s in ("S1", "S2", "S3", "S4", "S5")}
+def mq2008_parts(mq2008):
+    return {s: load_svmlight(mq2008 / f"{s}.txt", SvmlightOptions()) for s in ("S1", "S2", "S3", "S4", "S5")}
 
 
-@needs_mq2008
-def test_mq2008_counts_and_choices():
-    b = load_svmlight(MQ2008)
+def test_mq2008_counts_and_choices(mq2008):
+    b = load_svmlight(mq2008)
     assert b.batch_size == 784 and int(b.num_valid.sum()) == 15211
     assert b.candidate_dim == 46 and b.num_candidates == 121
     assert sorted(torch.unique(b.labels[b.candidate_mask]).tolist()) == [0, 1, 2]
     assert len(set(b.request_ids)) == 784
 
 
-@needs_mq2008
-def test_mq2008_folds_disjoint_and_covering(mq2008_parts):
+def test_mq2008_folds_disjoint_and_covering(mq2008, mq2008_parts):
     names = {s: set(v.request_ids) for s, v in mq2008_parts.items()}
     all_q = set().union(*names.values())
     assert len(all_q) == 784
@@ -363,15 +355,15 @@ def test_mq2008_folds_disjoint_and_covering(mq2008_parts):
         split = {name: set().union(*(names[s] for s in ss)) for name, ss in parts.items()}
         assert not split["train"] & split["vali"] and not split["train"] & split["test"] and not split["vali"] & split["test"]
         assert split["train"] | split["vali"] | split["test"] == all_q
-    f = load_letor_folds(MQ2008, 1)
+    f = load_letor_folds(mq2008, 1)
     assert set(f["test"].request_ids) == names["S5"] and set(f["vali"].request_ids) == names["S4"]
 
 
-@pytest.mark.skipif(not (MSLR / "msn1.fold1.train.5k.txt").is_file(), reason=f"MSLR sample not found at {MSLR}")
-def test_mslr_sample_notes_possible_truncation():
+def test_mslr_sample_notes_possible_truncation(require_data):
+    train = require_data("mslr_sample/msn1.fold1.train.5k.txt")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
-        b = load_svmlight(MSLR / "msn1.fold1.train.5k.txt", SvmlightOptions(standardize="none"))
+        b = load_svmlight(train, SvmlightOptions(standardize="none"))
     assert b.batch_size == 43 and int(b.num_valid.sum()) == 5000 and b.candidate_dim == 136
     assert any("may be cut short" in str(w.message) for w in caught)
     counts = torch.unique(b.labels[b.candidate_mask], return_counts=True)[1].tolist()

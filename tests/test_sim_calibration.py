@@ -33,9 +33,18 @@ def test_default_world_meets_the_calibration_targets(default_scores):
     assert checks["upstream_beats_random"], u
     assert checks["pointwise_oracle_at_most_0_7"], nu
     assert checks["dependency_share_of_gain"] >= 0.3
-    # greedy over the exact utility is close to, but below, the beam oracle
+    # greedy over the exact utility is close to, but below, the beam oracle (in utility
+    # 0.956 of it, in normalized utility 0.93 on these requests)
     assert 0.85 <= nu["greedy"] <= 1.0
-    assert nu["oracle"] == pytest.approx(1.0)
+    assert 0.9 < u["greedy"] / u["oracle"] < 0.99
+    assert max(u, key=u.get) == "oracle" and max(nu, key=nu.get) == "oracle"
+    # Every policy's normalized utility is the same affine map of its mean utility (one
+    # random/oracle reference for all, ratio of sums over the same requests): the points
+    # (U, NU) lie on one line, here drawn through the random and upstream policies' points.
+    # A per-policy reference or a mean of per-request ratios would leave the line.
+    slope = (u["upstream"] - u["random"]) / (nu["upstream"] - nu["random"])
+    for policy in u:
+        assert u[policy] == pytest.approx(u["random"] + slope * (nu[policy] - nu["random"]), rel=1e-4), policy
     assert abs(nu["random"]) < 0.05
     assert nu["random"] < nu["logging"] < nu["upstream"] < nu["pointwise_oracle"] < nu["greedy"]
 

@@ -77,10 +77,15 @@ def test_redundancy_event_makes_clustered_pages_worse(drifting):
     assert w30.params.redundancy == pytest.approx(3.0 * w29.params.redundancy)
     up = w29.upstream_pages(state, L)  # relevance-sorted pages repeat categories
     assert float(w30.expected_utility(state, up).mean()) < float(w29.expected_utility(state, up).mean())
-    # normalized utility is measured under the world at that step: the oracle is 1 in both
-    for w in (w29, w30):
-        ref = w.reference(state, L)
-        assert torch.allclose(w.normalized_utility(state, ref.oracle_pages, ref), torch.ones(64), atol=1e-5)
+    # Normalized utility is measured under the world at that step, against that world's own
+    # oracle: the step-30 oracle plans its pages for the tripled redundancy, so the step-29
+    # oracle's pages, judged under the step-30 world, are worth less than the step-30
+    # oracle's (about 4.5% of the attainable gain here). An oracle that kept planning with
+    # an earlier step's user model would tie.
+    ref29, ref30 = w29.reference(state, L), w30.reference(state, L)
+    old_pages_now = w30.expected_utility(state, ref29.oracle_pages)
+    assert float(ref30.oracle.mean()) > float(old_pages_now.mean())
+    assert float(w30.normalized_utility(state, ref29.oracle_pages, ref30).mean()) < 0.99
 
 
 def test_bad_drift_events_are_config_errors():

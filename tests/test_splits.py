@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ from hypothesis import strategies as st
 
 from dualrerank.train.splits import SplitConfig, hash_split, load_splits
 
-DATA = Path(os.environ.get("DUALRERANK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SEEDS = (0, 1, 2)
 
 
@@ -57,16 +54,9 @@ def test_synthetic_train_and_test_never_share_a_request():
         assert not train & _request_keys(loaded[b].valid.batch), (a, b)
 
 
-def _real(sub: str) -> Path:
-    path = DATA / sub
-    if not path.exists():
-        pytest.skip(f"{path} not found (set DUALRERANK_DATA to the shared data folder)")
-    return path
-
-
 @pytest.mark.parametrize("source, sub", [("mind", "mind_small_subset"), ("letor", "letor/MQ2008")])
-def test_real_sources_train_and_test_never_overlap_for_any_seed(source, sub):
-    path = _real(sub)
+def test_real_sources_train_and_test_never_overlap_for_any_seed(source, sub, require_data):
+    path = require_data(sub)
     loaded = {s: load_splits(SplitConfig(source=source, path=str(path), seed=s)) for s in SEEDS}
     tests = {s: _request_keys(loaded[s].test.batch) for s in SEEDS}
     for a, b in itertools.product(SEEDS, SEEDS):
