@@ -416,3 +416,14 @@ def test_loader_options_are_accepted_by_training_configs(tmp_path):
     loaded = load_config(TrainConfig, cfg)
     assert loaded.data.letor.max_candidates == 50 and loaded.data.letor.standardize == "none"
     assert loaded.data.mind.max_candidates == 30
+
+
+def test_report_training_time_counts_every_phase(tmp_path):
+    cfg = _config(tmp_path, **{"objective.target": "evaluator", "optim.epochs": 1, "evaluator_optim.epochs": 1})
+    out = tmp_path / "run"
+    assert main(["train", "--model", "teacher", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    phases = json.loads((out / "eval.json").read_text())["phase_seconds"]
+    assert {"data", "evaluator", "evaluator_targets", "teacher", "test"} <= set(phases)
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("- training time"))
+    assert "evaluator targets" in line and "teacher" in line
+    assert float(line.split(":")[1].split()[0]) >= phases["evaluator"] + phases["teacher"] - 0.2

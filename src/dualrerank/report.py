@@ -517,6 +517,15 @@ def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | No
     return max(scored, key=lambda r: _number(r["valid_score"])) if scored else None
 
 
+def _run_phases(run_dir: Path) -> dict[str, float]:
+    """`phase_seconds` of the run's eval.json (seconds per phase), or {} without one."""
+    try:
+        phases = json.loads((Path(run_dir) / "eval.json").read_text()).get("phase_seconds") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): float(v) for k, v in phases.items() if _number(v) is not None}
+
+
 def write_run_report(run_dir: Path, title: str) -> Path:
     """Write `report.md` and `curves.png` for one training run directory; returns report.md.
 
@@ -542,7 +551,14 @@ def write_run_report(run_dir: Path, title: str) -> Path:
         if best is not None:
             score = _format_cell(best.get("valid_score"), None, 4)
             facts.append(f"- best {x}: {_format_cell(best.get(x), None, 4)} (valid_score {score})")
-        if seconds:
+        phases = _run_phases(run_dir)
+        if phases:
+            # Every phase of the run (evaluator, its targets, the model...), not only the
+            # epochs of metrics.jsonl; the test evaluation is listed apart.
+            parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
+            train = sum(v for k, v in phases.items() if k != "test")
+            facts.append(f"- training time: {train:.1f} s ({parts})")
+        elif seconds:
             facts.append(f"- training time: {sum(seconds):.1f} s")
         if (run_dir / "checkpoint").is_dir():
             facts.append("- best checkpoint: [checkpoint/](checkpoint/)")
