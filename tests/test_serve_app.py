@@ -29,7 +29,7 @@ from dualrerank.models.student import NARStudent, StudentConfig
 from dualrerank.serve.app import create_app
 from dualrerank.serve.client import RerankClient, ServiceError, ServiceUnavailable
 from dualrerank.serve.config import ServeConfig
-from dualrerank.serve.runtime import load_serving_model, save_serving_bundle
+from dualrerank.serve.bundle import load_serving_model, save_serving_bundle
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's note that its TestClient is moving to httpx2
@@ -578,7 +578,7 @@ def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, damage):
 def test_serving_path_imports_no_training_code_nor_simulator(bundle):
     code = (
         "import sys\n"
-        "from dualrerank.serve.runtime import load_serving_model\n"
+        "from dualrerank.serve.bundle import load_serving_model\n"
         "from dualrerank.serve.app import create_app\n"
         "import dualrerank.commands.serve\n"
         f"create_app(load_serving_model({str(bundle)!r}, 'onnx'))\n"

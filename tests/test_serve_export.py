@@ -17,8 +17,9 @@ from dualrerank.errors import CheckpointError, ConfigError
 from dualrerank.models.checkpoint import save_checkpoint
 from dualrerank.models.encoder import EncoderConfig
 from dualrerank.models.student import NARStudent, StudentConfig
+from dualrerank.serve.bundle import load_serving_model, save_serving_bundle
 from dualrerank.serve.export import check_parity, export_student, export_student_bytes, weights_fingerprint
-from dualrerank.serve.runtime import OnnxBackend, TorchBackend, greedy_pages, load_serving_model, save_serving_bundle
+from dualrerank.serve.runtime import OnnxBackend, TorchBackend, greedy_pages
 
 
 def tiny_student(seed: int = 0, d: int = 6, c: int = 3, max_positions: int = 12) -> NARStudent:
@@ -120,6 +121,21 @@ def test_in_memory_export_when_no_onnx_file(tmp_path):
     assert model.model_version == f"student-{weights_fingerprint(student)[:12]}"
 
 
+def test_moved_bundle_functions_still_import_from_runtime_with_a_warning():
+    """`load_serving_model`/`save_serving_bundle` moved from runtime to bundle (runtime never
+    imports the exporter); the old import path still works, with a DeprecationWarning."""
+    import dualrerank.serve as serve
+    from dualrerank.serve import bundle, runtime
+
+    for name in ("load_serving_model", "save_serving_bundle"):
+        with pytest.warns(DeprecationWarning, match=f"runtime.{name} moved to dualrerank.serve.bundle"):
+            assert getattr(runtime, name) is getattr(bundle, name)
+        assert getattr(serve, name) is getattr(bundle, name)
+        assert name not in runtime.__all__
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        runtime.no_such_name  # noqa: B018
+
+
 def test_bad_opset_is_a_config_error():
     with pytest.raises(ConfigError, match="opset"):
         export_student_bytes(tiny_student(), opset=9)
@@ -176,7 +192,7 @@ def test_export_command_writes_and_checks(tmp_path, capsys):
 
 
 def test_export_and_serving_accept_a_run_directory(tmp_path, capsys):
-    from dualrerank.serve.runtime import load_serving_model
+    from dualrerank.serve.bundle import load_serving_model
 
     run = tmp_path / "run"
     save_checkpoint(tiny_student(), run / "checkpoint", "student")  # the layout train/distill write

@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from dualrerank.serve.app import create_app
-    from dualrerank.serve.runtime import load_serving_model
+    from dualrerank.serve.bundle import load_serving_model
 
     # Bound before the (slow) model load so that a taken port fails at once; connections
     # are refused, not queued, until uvicorn listens.

@@ -1,8 +1,10 @@
 """Serving: ONNX export of the NAR student, the HTTP reranking service and its client.
 
 - `export`: `export_student(student, path)` writes the student's logit graph to ONNX.
-- `runtime`: `load_serving_model(checkpoint, backend)` loads a serving checkpoint (student,
-  optional evaluator, optional ONNX file) behind one `ServingModel.rerank` call.
+- `runtime`: `ServingModel`, the student's logits (ONNX Runtime or PyTorch) and decoding
+  behind one `ServingModel.rerank` call.
+- `bundle`: `load_serving_model(checkpoint, backend)` loads a serving checkpoint (student,
+  optional evaluator, optional ONNX file) as a `ServingModel`; `save_serving_bundle` writes one.
 - `app`: `create_app(model, config)`, the FastAPI service.
 - `client`: `RerankClient(base_url)`.
 
@@ -24,8 +26,8 @@ _LAZY = {
     "ServingModel": "dualrerank.serve.runtime",
     "RerankResult": "dualrerank.serve.runtime",
     "NonFiniteOutput": "dualrerank.serve.runtime",
-    "load_serving_model": "dualrerank.serve.runtime",
-    "save_serving_bundle": "dualrerank.serve.runtime",
+    "load_serving_model": "dualrerank.serve.bundle",
+    "save_serving_bundle": "dualrerank.serve.bundle",
     "greedy_pages": "dualrerank.serve.runtime",
     "create_app": "dualrerank.serve.app",
     "RerankClient": "dualrerank.serve.client",

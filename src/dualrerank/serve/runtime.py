@@ -1,16 +1,11 @@
-"""Serving runtime: load a serving checkpoint, compute the student's logit matrix with
-ONNX Runtime or PyTorch, decode pages.
+"""Serving runtime: compute the student's logit matrix with ONNX Runtime or PyTorch,
+decode pages.
 
-Checkpoint layout (a directory DIR):
-
-    DIR/config.json, DIR/model.safetensors   the NAR student (`save_checkpoint(student, DIR, "student")`)
-    DIR/evaluator/                           optional `ListEvaluator` checkpoint; picks the best page
-                                             of a sampled group (requests with group > 1)
-    DIR/student.onnx                         optional exported graph (`dualrerank export`); the onnx
-                                             backend exports the student in memory when it is absent
-
-`save_checkpoint` replaces its target directory as a whole, so the student must be saved
-before `evaluator/` and `student.onnx` are added; `save_serving_bundle` does it in order.
+Loading and writing a serving checkpoint (student, optional `evaluator/`, optional
+`student.onnx`) is `serve.bundle`'s job: it may export the student, and this module never
+imports the exporter (`bundle.py -> export.py -> runtime.py`, docs/design.md).
+`load_serving_model` and `save_serving_bundle` used to live here and are still forwarded
+(deprecated) for old imports.
 
 Decoding [ours]: group 1 is the student's greedy page (L masked argmaxes over the logit
 matrix, in NumPy). Group G > 1 draws G pages with vectorised Gumbel-Max
@@ -32,7 +27,9 @@ no simulator.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,10 +51,9 @@ __all__ = [
     "greedy_pages",
     "request_seed",
     "load_student",
-    "load_serving_model",
-    "save_serving_bundle",
 ]
 
+# The serving checkpoint's layout (see `serve.bundle`).
 EVALUATOR_DIR = "evaluator"
 ONNX_FILE = "student.onnx"
 
@@ -296,73 +292,19 @@ def load_student(checkpoint: str | Path) -> Any:
     return load_checkpoint_of_kind(checkpoint, ("nar",), "the NAR student that export and serving need")
 
 
-def _load_evaluator(directory: Path, student: Any) -> Any:
-    from dualrerank.models.checkpoint import load_checkpoint_of_kind
+# Moved to `serve.bundle`, which imports this module and the exporter; forwarded here for
+# old imports (benchmarks/serve_load.py still has one). Remove together with its
+# KNOWN_EXCEPTIONS entry in tests/test_architecture.py once nothing imports them from here.
+_MOVED_TO_BUNDLE = ("load_serving_model", "save_serving_bundle")
 
-    evaluator = load_checkpoint_of_kind(directory, ("evaluator",), "an evaluator")
-    s, e = student.config.encoder, evaluator.config.encoder
-    if (s.candidate_dim, s.context_dim) != (e.candidate_dim, e.context_dim):
-        raise CheckpointError(
-            f"checkpoint {directory}: evaluator feature widths (d={e.candidate_dim}, c={e.context_dim}) differ "
-            f"from the student's (d={s.candidate_dim}, c={s.context_dim})"
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_BUNDLE:
+        warnings.warn(
+            f"dualrerank.serve.runtime.{name} moved to dualrerank.serve.bundle; import it from there "
+            "(or from dualrerank.serve)",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    return evaluator
-
-
-def load_serving_model(
-    checkpoint: str | Path,
-    backend: str = "onnx",
-    onnx_path: str | Path | None = None,
-    threads: int = 1,
-    temperature: float = 1.0,
-    include_greedy: bool = True,
-    warmup: bool = True,
-) -> ServingModel:
-    """Load the layout described in the module docstring; every problem is a one-line
-    `CheckpointError` (or `ConfigError` for a bad option)."""
-    from dualrerank.serve.export import export_student_bytes, student_metadata
-
-    if backend not in ("onnx", "torch"):
-        raise ConfigError(f"backend: {backend!r} is not one of ['onnx', 'torch']")
-    if threads < 1:
-        raise ConfigError(f"threads: must be >= 1, got {threads}")
-    from dualrerank.models.checkpoint import resolve_checkpoint
-
-    root = resolve_checkpoint(checkpoint)
-    student = load_student(root)
-    evaluator = _load_evaluator(root / EVALUATOR_DIR, student) if (root / EVALUATOR_DIR).exists() else None
-    expected = student_metadata(student)
-    fingerprint = expected["dualrerank.weights_sha256"]
-    impl: Backend
-    if backend == "torch":
-        impl = TorchBackend(student)
-    else:
-        path = Path(onnx_path) if onnx_path else root / ONNX_FILE
-        if onnx_path or path.is_file():
-            impl = OnnxBackend(path, threads, expected)
-        else:
-            impl = OnnxBackend(export_student_bytes(student), threads, expected)
-    enc = student.config.encoder
-    model = ServingModel(
-        impl, enc.candidate_dim, enc.context_dim, student.config.max_positions,
-        model_version=f"student-{fingerprint[:12]}", evaluator=evaluator,
-        temperature=temperature, include_greedy=include_greedy,
-    )
-    if warmup:
-        model.warmup()
-    return model
-
-
-def save_serving_bundle(
-    directory: str | Path, student: Any, evaluator: Any | None = None, onnx: bool = True, opset: int | None = None
-) -> Path:
-    """Write a serving checkpoint: the student, then `evaluator/`, then `student.onnx`."""
-    from dualrerank.models.checkpoint import save_checkpoint
-    from dualrerank.serve.export import export_student
-
-    root = save_checkpoint(student, directory, "student")
-    if evaluator is not None:
-        save_checkpoint(evaluator, root / EVALUATOR_DIR, "evaluator")
-    if onnx:
-        export_student(student, root / ONNX_FILE, **({} if opset is None else {"opset": opset}))
-    return root
+        return getattr(import_module("dualrerank.serve.bundle"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
