@@ -36,7 +36,7 @@ def make_checkpoint(directory: Path, args: argparse.Namespace) -> Path:
 
     from dualrerank.models.encoder import EncoderConfig
     from dualrerank.models.student import NARStudent, StudentConfig
-    from dualrerank.serve.runtime import save_serving_bundle
+    from dualrerank.serve.bundle import save_serving_bundle
 
     torch.manual_seed(args.seed)
     enc = EncoderConfig(candidate_dim=args.features, context_dim=args.context, d_model=64, n_heads=4, n_layers=2, dropout=0.0)

@@ -128,13 +128,6 @@ RULES: tuple[Rule, ...] = NEVER_RULES + FLOW_RULES
 # why it is tolerated and what removes it. Keyed by module, not line, so that unrelated
 # edits do not break the list; every import between the pair is covered.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    (_D + "serve.runtime", _D + "serve.bundle"): (
-        "load_serving_model and save_serving_bundle moved from runtime.py to bundle.py; "
-        "runtime's module __getattr__ still forwards the two names by name (deprecated) because "
-        "benchmarks/serve_load.py imports save_serving_bundle from dualrerank.serve.runtime. "
-        "Fix: import it from dualrerank.serve.bundle there, delete the forwarder "
-        "(runtime._MOVED_TO_BUNDLE and __getattr__), then delete this entry."
-    ),
 }
 
 

@@ -121,21 +121,6 @@ def test_in_memory_export_when_no_onnx_file(tmp_path):
     assert model.model_version == f"student-{weights_fingerprint(student)[:12]}"
 
 
-def test_moved_bundle_functions_still_import_from_runtime_with_a_warning():
-    """`load_serving_model`/`save_serving_bundle` moved from runtime to bundle (runtime never
-    imports the exporter); the old import path still works, with a DeprecationWarning."""
-    import dualrerank.serve as serve
-    from dualrerank.serve import bundle, runtime
-
-    for name in ("load_serving_model", "save_serving_bundle"):
-        with pytest.warns(DeprecationWarning, match=f"runtime.{name} moved to dualrerank.serve.bundle"):
-            assert getattr(runtime, name) is getattr(bundle, name)
-        assert getattr(serve, name) is getattr(bundle, name)
-        assert name not in runtime.__all__
-    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        runtime.no_such_name  # noqa: B018
-
-
 def test_bad_opset_is_a_config_error():
     with pytest.raises(ConfigError, match="opset"):
         export_student_bytes(tiny_student(), opset=9)

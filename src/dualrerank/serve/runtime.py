@@ -4,8 +4,6 @@ decode pages.
 Loading and writing a serving checkpoint (student, optional `evaluator/`, optional
 `student.onnx`) is `serve.bundle`'s job: it may export the student, and this module never
 imports the exporter (`bundle.py -> export.py -> runtime.py`, docs/design.md).
-`load_serving_model` and `save_serving_bundle` used to live here and are still forwarded
-(deprecated) for old imports.
 
 Decoding [ours]: group 1 is the student's greedy page (L masked argmaxes over the logit
 matrix, in NumPy). Group G > 1 draws G pages with vectorised Gumbel-Max
@@ -27,9 +25,7 @@ no simulator.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -291,20 +287,3 @@ def load_student(checkpoint: str | Path) -> Any:
 
     return load_checkpoint_of_kind(checkpoint, ("nar",), "the NAR student that export and serving need")
 
-
-# Moved to `serve.bundle`, which imports this module and the exporter; forwarded here for
-# old imports (benchmarks/serve_load.py still has one). Remove together with its
-# KNOWN_EXCEPTIONS entry in tests/test_architecture.py once nothing imports them from here.
-_MOVED_TO_BUNDLE = ("load_serving_model", "save_serving_bundle")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_BUNDLE:
-        warnings.warn(
-            f"dualrerank.serve.runtime.{name} moved to dualrerank.serve.bundle; import it from there "
-            "(or from dualrerank.serve)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(import_module("dualrerank.serve.bundle"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
