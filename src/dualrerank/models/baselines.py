@@ -24,8 +24,10 @@ as `metrics.ndcg_at_k`), keep the best iteration, take their random seed from th
 and save one model file in their library's own format into the checkpoint directory.
 
 Supervised target shared by all trainable baselines (`supervised_gains`) [ours]: on
-graded lists the graded label; on logs the gain click + long view of each *shown* item,
-with unshown items excluded (unshown is not negative). The nn.Module baselines train with
+graded lists the graded label (`feedback.graded_column`); on logs the realised gain of
+each *shown* item (`feedback.shown_gain`: [click > 0] + [long_view > 0], so 0..2 and the
+same in any unit of the feedback columns), with unshown items excluded (unshown is not
+negative). The nn.Module baselines train with
 `losses.listwise_softmax_ce` on that gain; LambdaMART uses it as its integer relevance,
 CatBoost as its (real-valued) target.
 
@@ -51,9 +53,10 @@ from tqdm import tqdm
 from dualrerank.config import option
 from dualrerank.decoding import sort_pages
 from dualrerank.errors import CheckpointError, ConfigError, DataError
+from dualrerank.feedback import graded_column, has_page_gain, shown_gain
 from dualrerank.losses import listwise_softmax_ce
 from dualrerank.models.encoder import CandidateEncoder, EncoderConfig
-from dualrerank.models.evaluator import eval_mode, graded_column, page_feedback, upstream_order
+from dualrerank.models.evaluator import eval_mode, upstream_order
 from dualrerank.models.layers import Block
 from dualrerank.schema import RerankBatch
 
@@ -72,34 +75,18 @@ __all__ = [
     "CatBoostRank",
 ]
 
-LOG_GAIN_NAMES = ("click", "long_view")
-
-
-def _has_logged_feedback(batch: RerankBatch) -> bool:
-    if batch.logged_page is None:
-        return False
-    if batch.logged_feedback is not None:
-        return all(x in batch.feedback_names for x in LOG_GAIN_NAMES)
-    return batch.labels is not None and all(x in batch.label_names for x in LOG_GAIN_NAMES)
-
-
 def supervised_gains(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-candidate training gain and the candidates it is defined for.
 
-    Logs (a logged page with click / long-view feedback): gain = click + long view of each
-    shown item, mask = shown items. Graded lists: the graded label, mask = valid candidates.
+    Logs (a logged page with click and/or long-view feedback): the realised gain of each
+    shown item (`feedback.shown_gain`), mask = shown items. Graded lists: the graded label
+    (`feedback.graded_column`), mask = valid candidates.
 
     Returns:
         gains `[B, n]` float (>= 0) and mask `[B, n]` bool.
     """
-    B, n = batch.candidate_mask.shape
-    if _has_logged_feedback(batch):
-        fb, pmask = page_feedback(batch, LOG_GAIN_NAMES)
-        page = batch.logged_page.long().clamp(0, n - 1)
-        per_pos = torch.where(pmask, fb.sum(dim=-1), torch.zeros_like(fb[..., 0]))
-        gains = torch.zeros(B, n, device=page.device).scatter_add(1, page, per_pos)
-        shown = torch.zeros(B, n, dtype=torch.long, device=page.device).scatter_add(1, page, pmask.long()) > 0
-        mask = shown & batch.candidate_mask
+    if has_page_gain(batch):
+        gains, mask = shown_gain(batch)  # checked there: feedback finite and >= 0
     else:
         gains, mask = graded_column(batch), batch.candidate_mask
     # NaN passes a `< 0` test; LightGBM would read it as a missing label, CatBoost stops.
@@ -393,7 +380,7 @@ class LambdaMART(_TreeRanker):
         X, y, groups = super()._dataset(batch)
         # lambdarank's default label_gain table is 2^i - 1 for i in 0..30.
         if bool((y != np.round(y)).any()) or bool((y > 30).any()):
-            raise DataError("labels: LambdaMART needs integer gains in 0..30 (graded relevance or click + long view)")
+            raise DataError("labels: LambdaMART needs integer gains in 0..30 (graded relevance, or the realised gain 0..2 of logs)")
         return X, y.astype(np.int32), groups
 
     def _train(self, X: np.ndarray, y: np.ndarray, g: np.ndarray, val: tuple | None, bar: tqdm) -> dict:

@@ -22,11 +22,12 @@ decoding over the evaluator cost one call per step, not n (`beam_pages`).
 proxy* of page utility: it is what the evaluator predicts from logs, not the world's
 utility, and is only as good as the logs it was trained on.
 
-Training targets (`loss`): on logs, the realised click / long view of each logged
-position (absent positions masked); on graded lists (LETOR/MSLR) a documented conversion,
-click = label > 0 and long view = label >= `graded_long_view_min`, on the valid candidates
-in upstream order (or a random order when a generator is given), truncated to
-`max_positions`.
+Training targets (`loss`): on logs, whether each logged position was clicked / long
+viewed (`feedback.page_events`: value > 0, so the same in any unit of the feedback
+columns; absent positions masked); on graded lists (LETOR/MSLR) a documented conversion
+(`feedback.graded_feedback`), click = label > 0 and long view = label >=
+`graded_long_view_min`, on the valid candidates in upstream order (or a random order when
+a generator is given), truncated to `max_positions`.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from torch import nn
 from dualrerank.config import option
 from dualrerank.decoding import beam_search, check_page_length, check_pages
 from dualrerank.errors import ConfigError, DataError
+from dualrerank.feedback import graded_column, graded_feedback, page_events
 from dualrerank.losses import pointwise_bce
 from dualrerank.models.encoder import CandidateEncoder, EncoderConfig
 from dualrerank.models.layers import Block
 from dualrerank.schema import RerankBatch
 
-__all__ = ["EvaluatorConfig", "ListEvaluator", "page_feedback", "graded_column", "upstream_order", "eval_mode"]
+__all__ = ["EvaluatorConfig", "ListEvaluator", "upstream_order", "eval_mode"]
 
 
 @dataclass
@@ -71,50 +73,6 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             yield
     finally:
         module.train(was_training)
-
-
-def page_feedback(batch: RerankBatch, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Realised feedback columns `names` along the logged page.
-
-    Read from `logged_feedback` (by `feedback_names`), else gathered from `labels` (by
-    `label_names`) along `logged_page`.
-
-    Returns:
-        values `[B, L, len(names)]` float and the logged page mask `[B, L]` bool.
-    """
-    if batch.logged_page is None:
-        raise DataError("logged_page: missing; realised feedback needs the page that was shown")
-    page = batch.logged_page.long()
-    pmask = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(page, dtype=torch.bool)
-    if batch.logged_feedback is not None:
-        cols = _columns(names, batch.feedback_names, "logged_feedback", "feedback_names")
-        return batch.logged_feedback[..., cols].float(), pmask
-    if batch.labels is not None:
-        cols = _columns(names, batch.label_names, "labels", "label_names")
-        n = batch.num_candidates
-        lab = batch.labels[..., cols].float()
-        idx = page.clamp(0, n - 1).unsqueeze(-1).expand(-1, -1, len(cols))
-        return lab.gather(1, idx), pmask
-    raise DataError("logged_feedback: missing, and no labels to read the realised feedback from")
-
-
-def _columns(names: tuple[str, ...], have: tuple[str, ...], field: str, names_field: str) -> list[int]:
-    missing = [x for x in names if x not in have]
-    if missing:
-        raise DataError(f"{field}: no column named {missing[0]!r} ({names_field}={list(have)})")
-    return [have.index(x) for x in names]
-
-
-def graded_column(batch: RerankBatch) -> torch.Tensor:
-    """`[B, n]` graded relevance: the only label column, or the one named "relevance"."""
-    if batch.labels is None:
-        raise DataError("labels: missing; graded training needs per-candidate labels")
-    m = batch.labels.shape[-1]
-    if m == 1:
-        return batch.labels[..., 0].float()
-    if "relevance" in batch.label_names:
-        return batch.labels[..., batch.label_names.index("relevance")].float()
-    raise DataError(f"labels: {m} columns {list(batch.label_names)} and none named 'relevance'")
 
 
 def upstream_order(batch: RerankBatch, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -263,20 +221,13 @@ class ListEvaluator(nn.Module):
         """(pages `[B, L]`, page mask `[B, L]`, targets `[B, L, 2]`) for `loss` (see module doc)."""
         L_max = self.config.max_positions
         if batch.logged_page is not None:
-            names = (self.config.click_name, self.config.long_view_name)
-            fb, pmask = page_feedback(batch, names)
+            happened, pmask = page_events(batch, (self.config.click_name, self.config.long_view_name))
             # Causal model: dropping positions beyond max_positions leaves the rest unbiased.
-            page, pmask, fb = batch.logged_page[:, :L_max].long(), pmask[:, :L_max], fb[:, :L_max]
-            bad = (((fb < 0) | (fb > 1)).any(dim=-1) & pmask).any(dim=1)
-            if bool(bad.any()):
-                raise DataError(f"logged_feedback: click/long view must lie in [0, 1] in {batch.request_name(int(bad.nonzero()[0]))}")
-            return page, pmask, fb
+            return batch.logged_page[:, :L_max].long(), pmask[:, :L_max], happened[:, :L_max]
         rel = graded_column(batch)
         order = upstream_order(batch, generator)[:, :L_max]
         pmask = torch.arange(order.shape[1], device=order.device).unsqueeze(0) < batch.num_valid.unsqueeze(1)
-        lab = rel.gather(1, order)
-        targets = torch.stack([(lab > 0).float(), (lab >= self.config.graded_long_view_min).float()], dim=-1)
-        return order, pmask, targets
+        return order, pmask, graded_feedback(rel.gather(1, order), self.config.graded_long_view_min)
 
     def loss(self, batch: RerankBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean BCE of click and long-view logits over the existing positions of the targets."""

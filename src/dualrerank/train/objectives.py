@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dualrerank.config import option
+from dualrerank.feedback import gain_columns, graded_column, realised_gain
 from dualrerank.losses import bpr_loss, mle_loss
 from dualrerank.schema import RerankBatch
 from dualrerank.train.loop import Extras, Objective
@@ -40,26 +41,29 @@ class GeneratorObjectiveConfig:
 
 
 def pair_labels(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`([B, n] labels, [B, n] bool labelled)` for BPR pairs: graded label, or the realised
-    gain (click + long view) of shown items; unshown items carry no label (method.md)."""
-    names = list(batch.label_names)
+    """`([B, n] labels, [B, n] bool labelled)` for BPR pairs: on logs, the realised gain
+    (`feedback.realised_gain`: long view > click > nothing, unit-free) of the label columns
+    of shown items, unshown items carrying no label (method.md); on graded lists the graded
+    label (`feedback.graded_column`) of every valid candidate.
+
+    Read from `labels` (per candidate), which logged sources fill along the shown page."""
     if batch.labels is None:
         return torch.zeros(batch.candidate_mask.shape), torch.zeros_like(batch.candidate_mask)
-    if "click" in names:
-        gain = batch.labels[..., names.index("click")]
-        if "long_view" in names:
-            gain = gain + batch.labels[..., names.index("long_view")]
+    if gain_columns(batch.label_names):
         shown = torch.zeros_like(batch.candidate_mask)
         if batch.logged_page is not None:
             pm = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(batch.logged_page, dtype=torch.bool)
             shown = _shown(batch.logged_page, pm, batch.num_candidates)
-        return gain, shown & batch.candidate_mask
-    return batch.labels[..., 0], batch.candidate_mask
+        shown = shown & batch.candidate_mask
+        gain = realised_gain(batch.labels, batch.label_names, shown, field="labels", where=batch.request_name)
+        return torch.where(shown, gain, torch.zeros_like(gain)), shown
+    return graded_column(batch), batch.candidate_mask
 
 
 def _shown(page: torch.Tensor, page_mask: torch.Tensor, n: int) -> torch.Tensor:
-    shown = torch.zeros(page.shape[0], n, dtype=torch.bool)
-    return shown.scatter(1, page.clamp(0, n - 1), page_mask)
+    # scatter_add: an absent position may repeat a shown item's index; it must not unshow it.
+    shown = torch.zeros(page.shape[0], n, dtype=torch.long, device=page.device)
+    return shown.scatter_add(1, page.long().clamp(0, n - 1), page_mask.long()) > 0
 
 
 def generator_extras(batch: RerankBatch, targets: Targets) -> Extras:

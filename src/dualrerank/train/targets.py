@@ -1,11 +1,12 @@
 """Target lists for the list generators (method.md section 2, teacher targets [ours]).
 
 `logged_targets` turns what a batch carries into a target page:
-- logs (a `logged_page` with per-position feedback): the shown items reordered by realised
-  per-item gain (long view > click > nothing; ties keep the logged order), weighted per
-  request by its page reward relative to the batch (reward-weighted MLE);
-- graded lists (LETOR/MSLR labels, no logged page): candidates sorted by label, ties by
-  upstream score.
+- logs (a `logged_page` with click / long-view feedback): the shown items reordered by
+  realised per-item gain (`feedback.page_gain`: long view > click > nothing, unit-free;
+  ties keep the logged order), weighted per request by its page reward (the page's total
+  gain) relative to the batch (reward-weighted MLE);
+- graded lists (LETOR/MSLR labels, no logged feedback): candidates sorted by the graded
+  label (`feedback.graded_column`), ties by upstream score.
 
 The evaluator target (beam search over a learned evaluator) is built by the trainer from
 the evaluator model itself (`ListEvaluator.beam_pages`); it needs no helper here.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dualrerank.errors import DataError
+from dualrerank.feedback import graded_column, has_page_gain, page_gain
 from dualrerank.schema import RerankBatch
 
 
@@ -36,26 +38,11 @@ class Targets:
     weights: torch.Tensor
 
 
-def item_gain(batch: RerankBatch) -> torch.Tensor:
-    """`[B, L]` realised gain of each logged position: 2 = long view, 1 = click, 0 = nothing."""
-    if batch.logged_feedback is None:
-        raise DataError("logged_feedback: needed for logged targets but absent")
-    names = list(batch.feedback_names)
-    gain = torch.zeros(batch.logged_feedback.shape[:2])
-    if "click" in names:
-        gain = gain + batch.logged_feedback[..., names.index("click")].clamp(0, 1)
-    if "long_view" in names:
-        gain = gain + batch.logged_feedback[..., names.index("long_view")].clamp(0, 1)
-    return gain
-
-
 def logged_targets(batch: RerankBatch, length: int, reward_weighted: bool = True) -> Targets:
     """Target pages of at most `length` positions from logs or graded labels (see module doc)."""
-    if batch.logged_page is not None and batch.logged_feedback is not None:
-        page, pmask = batch.logged_page, batch.logged_page_mask
-        if pmask is None:
-            pmask = torch.ones_like(page, dtype=torch.bool)
-        gain = item_gain(batch)
+    if has_page_gain(batch):
+        page = batch.logged_page
+        gain, pmask = page_gain(batch)
         # Stable descending sort on gain; absent positions sink below every real one.
         key = torch.where(pmask, gain, torch.full_like(gain, -1.0))
         order = torch.sort(key, dim=1, descending=True, stable=True).indices
@@ -69,7 +56,7 @@ def logged_targets(batch: RerankBatch, length: int, reward_weighted: bool = True
         return Targets(pages, mask, weights)
     if batch.labels is None:
         raise DataError("labels: a batch needs labels or a logged page with feedback to build training targets")
-    rel = batch.labels[..., 0]
+    rel = graded_column(batch)
     up = batch.upstream_score if batch.upstream_score is not None else torch.zeros_like(rel)
     # Lexicographic (label, upstream) order: sort by the secondary key first, then stably by the primary.
     neg_inf = torch.finfo(rel.dtype).min
