@@ -26,7 +26,7 @@ __all__ = [
     "duration_spec",
 ]
 
-FEEDBACK_NAMES = ("click", "long_view", "watch_time")
+from dualrerank.feedback import FEEDBACK_NAMES  # noqa: E402  (one definition of the feedback columns)
 REWARD_DIMENSIONS = FEEDBACK_NAMES + ("reformulate",)
 DRIFT_KINDS = ("rotate_preferences", "reward", "redundancy")
 DURATION_KINDS = ("packaged", "lognormal")

@@ -59,7 +59,7 @@ from dualrerank.reward import PageFeedback, RewardSystem, duplicate_items, evalu
 from dualrerank.schema import RerankBatch
 from dualrerank.sim import World, WorldConfig
 from dualrerank.sim.catalogue import seeded
-from dualrerank.sim.config import FEEDBACK_NAMES
+from dualrerank.feedback import FEEDBACK_NAMES
 from dualrerank.train.distill import DistillConfig, skd_loss, teacher_step_probs
 from dualrerank.train.objectives import GeneratorObjectiveConfig, generator_extras, generator_objective
 from dualrerank.train.runstate import MetricsLog, load_snapshot, prepare_run_dir, save_snapshot
