@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dualrerank.config import option
 from dualrerank.errors import CheckpointError, TrainingError
 from dualrerank.models.checkpoint import check_state_fits
-from dualrerank.train.runstate import MetricsLog, load_snapshot, save_snapshot
+from dualrerank.train.runstate import MetricsLog, load_snapshot, optimizer_step, save_snapshot
 from dualrerank.schema import RerankBatch
 
 Extras = dict[str, torch.Tensor]
@@ -150,11 +150,7 @@ def fit(
                     f"(lr {optim.lr:g}); lower optim.lr or check the features for huge values "
                     f"(the last finished epoch is kept in {run_dir})"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
+            optimizer_step(model, opt, loss, optim.grad_clip)
             schedule.step()
             total += float(loss.detach()) * mb.batch_size
             count += mb.batch_size

@@ -62,7 +62,7 @@ from dualrerank.sim.catalogue import seeded
 from dualrerank.feedback import FEEDBACK_NAMES
 from dualrerank.train.distill import DistillConfig, skd_loss, teacher_step_probs
 from dualrerank.train.objectives import GeneratorObjectiveConfig, generator_extras, generator_objective
-from dualrerank.train.runstate import MetricsLog, load_snapshot, prepare_run_dir, save_snapshot
+from dualrerank.train.runstate import MetricsLog, load_snapshot, optimizer_step, prepare_run_dir, save_snapshot
 from dualrerank.train.supervised import step_logits_fn
 from dualrerank.train.targets import logged_targets
 
@@ -416,11 +416,7 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
             logs["kd/loss"] = float(kd_logs.get("kd_loss", 0.0))
         if not bool(torch.isfinite(loss)):
             raise TrainingError(f"online step {state.step}: the student's loss is {float(loss)}; lower lr (now {cfg.lr:g})")
-        state.student_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(state.student.parameters(), cfg.grad_clip)
-        state.student_opt.step()
+        optimizer_step(state.student, state.student_opt, loss, cfg.grad_clip)
         logs.update({f"policy/{k}": float(v) for k, v in pdiag.items()})
         logs["policy/loss"] = float(loss.detach())
 
@@ -432,19 +428,13 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
         state.teacher.train()
         extras = generator_extras(logged, logged_targets(logged, L, True))
         tloss, _ = generator_objective(GeneratorObjectiveConfig(target="logged"), step_logits_fn("ar"))(state.teacher, logged, extras, gen)
-        state.teacher_opt.zero_grad(set_to_none=True)
-        tloss.backward()
-        nn.utils.clip_grad_norm_(state.teacher.parameters(), 1.0)
-        state.teacher_opt.step()
+        optimizer_step(state.teacher, state.teacher_opt, tloss, 1.0)
         state.teacher.eval()
         logs["teacher/loss"] = float(tloss.detach())
     if state.evaluator_opt is not None:
         state.evaluator.train()
         eloss = state.evaluator.loss(logged)
-        state.evaluator_opt.zero_grad(set_to_none=True)
-        eloss.backward()
-        nn.utils.clip_grad_norm_(state.evaluator.parameters(), 1.0)
-        state.evaluator_opt.step()
+        optimizer_step(state.evaluator, state.evaluator_opt, eloss, 1.0)
         state.evaluator.eval()
         logs["evaluator/loss"] = float(eloss.detach())
 

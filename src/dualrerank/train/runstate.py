@@ -43,6 +43,7 @@ __all__ = [
     "load_snapshot",
     "MetricsLog",
     "PhaseClock",
+    "optimizer_step",
 ]
 
 # What a finished or interrupted run leaves in its directory; `--overwrite` removes these.
@@ -221,3 +222,13 @@ class PhaseClock:
             "phase_seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "train_seconds": round(sum(v for k, v in self.seconds.items() if k != "test"), 3),
         }
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One gradient step on `loss`: zero, backward, clip the global norm to `grad_clip`
+    (0 = off), step. The one place both the offline loop and the online step update a model."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
