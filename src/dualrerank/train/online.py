@@ -55,7 +55,7 @@ from dualrerank.errors import ConfigError, TrainingError
 from dualrerank.losses import clipped_policy_loss, group_advantage, kl_to_reference, position_weights
 from dualrerank.metrics import collapse_rate, mean_row_entropy, ptar
 from dualrerank.models.checkpoint import load_checkpoint, load_checkpoint_of_kind, save_checkpoint
-from dualrerank.reward import PageFeedback, RewardSystem, duplicate_items, evaluator_rule, posterior
+from dualrerank.reward import PageFeedback, RewardSystem, duplicate_items, posterior
 from dualrerank.schema import RerankBatch
 from dualrerank.sim import World, WorldConfig
 from dualrerank.sim.catalogue import seeded
@@ -247,9 +247,10 @@ def reward_system(cfg: OnlineConfig, evaluator: nn.Module, watch_per_long_view: 
     watch time of a page that was not shown is predicted as its predicted long views times
     the stream's watch time per long view (`watch_per_long_view`: a running ratio over the
     shown pages, re-estimated at once when it jumps, e.g. after a unit change)."""
-    long_views = evaluator_rule(evaluator, 1)
+    predict = _once(evaluator)  # one evaluator pass serves every rule that predicts
+    long_views = lambda batch, pages: predict(batch, pages)[..., 1].sum(-1)  # noqa: E731
     rules: dict[str, Any] = {
-        "click": posterior("click", evaluator_rule(evaluator, 0)),
+        "click": posterior("click", lambda batch, pages: predict(batch, pages)[..., 0].sum(-1)),
         "long_view": posterior("long_view", long_views),
     }
     if cfg.exposure == "all":
@@ -264,6 +265,24 @@ def reward_system(cfg: OnlineConfig, evaluator: nn.Module, watch_per_long_view: 
     if cfg.weights.duplicate_items != 0 or any(c.weights.duplicate_items != 0 for c in cfg.weight_schedule):
         rules["duplicate_items"] = duplicate_items
     return RewardSystem(rules)
+
+
+def _once(evaluator: nn.Module) -> Any:
+    """The evaluator's per-position probabilities `[B, G, L, 2]` of a (batch, pages) pair,
+    computed on the first call and reused for the same pair (three rules ask for them)."""
+    memo: dict[str, Any] = {}
+
+    def predict(batch: RerankBatch, pages: torch.Tensor) -> torch.Tensor:
+        if memo.get("key") != (id(batch), id(pages)):
+            was = evaluator.training
+            evaluator.eval()
+            with torch.no_grad():
+                memo["value"] = evaluator.predict(batch, pages)
+            evaluator.train(was)
+            memo["key"] = (id(batch), id(pages))
+        return memo["value"]
+
+    return predict
 
 
 def _segment(world: World, step: int) -> int:
