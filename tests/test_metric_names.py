@@ -25,6 +25,7 @@ import yaml
 
 from dualrerank.cli import main
 from dualrerank.metrics import (
+    AB_KEYS,
     AGREEMENT_FIGURES,
     DERIVED_KEYS,
     EPOCH_KEYS,
@@ -246,6 +247,7 @@ def test_docs_show_exactly_the_list():
         "Figures": FIGURES, "Per epoch (metrics.jsonl)": EPOCH_KEYS, "Run fields (eval.json, evaluate --json)": RUN_FIELDS,
         "Experiment summary (summary.json)": SUMMARY_FIELDS, "Derived names": DERIVED_KEYS,
         "Online steps (dualrerank online, metrics.jsonl)": ONLINE_KEYS,
+        "A/B test (dualrerank ab, summary.json)": AB_KEYS,
     }
     assert list(tables) == list(expected)
     for title, names in expected.items():

@@ -215,6 +215,54 @@ ONLINE_KEYS: dict[str, str] = {
     "recovery_steps": "online experiment: per shift, steps until the curve is back to 90% of its level before the shift (null: some seed never)",
 }
 
+#: Keys of `dualrerank ab`'s summary.json (docs/evaluation.md) beyond the listed names it
+#: shares (title, commands, requests, page_length, model, the utility and latency figures,
+#: plots, non_finite, config): top-level keys, the keys of each `arms.<arm>` record, of
+#: each `lifts.<arm>.<metric>` comparison, and `power.*`.
+AB_KEYS: dict[str, str] = {
+    "design": "paired (every arm serves every request, independent feedback draws) or split (each request to one arm, uniformly at random)",
+    "traffic_seed": "seed of the traffic: the requests of each step, each arm's feedback draws, the split assignment, the bootstrap",
+    "world": "the world YAML the traffic came from (null: the default world)",
+    "world_seed": "seed of the world (its catalogue); the arms must have been trained on the same world",
+    "requests_per_step": "requests per stream step: request i is served by the world at step i // requests_per_step",
+    "steps": "stream steps the test's requests span",
+    "drift_events": "drift events of the world's schedule in force at some step of the test",
+    "control": "the arm every other arm is compared with",
+    "interval_method": "how the intervals were computed: delta (delta method) or bootstrap (scipy.stats.bootstrap, percentile)",
+    "confidence": "confidence level of the intervals (1 - confidence is the power line's alpha)",
+    "arms": "per arm name: its arm_path, model, serving_path, requests served and its figures",
+    "lifts": "per arm other than the control, per metric: arm_value, control_value, difference, lift, their intervals, p_value",
+    "third_party": "the paper's online A/B figures as two third-party extractions quote them (method.md section 6); never measured here",
+    "wall_seconds": "wall-clock seconds of the whole test (traffic, latency, report)",
+    "arm_path": "the run directory or checkpoint the arm was loaded from, or upstream (sort by the upstream score)",
+    "serving_path": "what the latency times: onnx (a NAR student exported and run by dualrerank.serve) or torch (the PyTorch model)",
+    "ctr": "clicks over items shown (the L items of each page served), over the requests the arm served",
+    "ctr_per_page": "clicks per request",
+    "long_view_rate": "long views over items shown",
+    "reformulation_rate": "share of requests after which the user reformulated the query",
+    "watch_time_per_request": "seconds watched per request (reported watch time over the reported unit in force)",
+    "latency_requests": "requests timed at batch size 1 on the arm's serving path",
+    "serving_parity": "share of the timed requests whose serving-path page equals the page the arm served in the test",
+    "arm_value": "the arm's value of the metric (a ratio of sums over the requests it served)",
+    "control_value": "the control's value of the metric",
+    "difference": "arm_value - control_value",
+    "difference_ci": "interval of the difference at the test's confidence (null where undefined; latency has none)",
+    "lift": "relative lift arm_value / control_value - 1",
+    "lift_ci": "interval of the lift at the test's confidence (null where undefined; latency has none)",
+    "p_value": "two-sided p-value of no difference (normal approximation; null for latency)",
+    "power": "the power line: requests needed to detect the target CTR lift (keys power.*)",
+    "power.target_lift": "relative CTR lift the test is sized for (default: the paper's +0.714%, a third-party figure)",
+    "power.power": "power asked for (0.8)",
+    "power.alpha": "two-sided significance level (1 - confidence)",
+    "power.control_ctr": "the control's measured CTR",
+    "power.control_std": "standard deviation of the control's per-request linearised CTR (clicks_i - CTR shown_i) / mean(shown)",
+    "power.requests_per_arm_split": "requests per arm a split test needs, from the control's variance (both arms assumed alike)",
+    "power.requests_paired": "per arm: requests a paired test needs, from the variance of its per-request linearised CTR differences to the control (null in a split test)",
+    "power.requests_per_arm": "requests per arm this test had (the control's)",
+    "power.detectable_lift_split": "smallest relative CTR lift this test's requests per arm detect at that power in a split test",
+    "power.line": "the power line as one sentence (report.md quotes it)",
+}
+
 #: Every literal logged name and its meaning.
 LOGGED_KEYS: dict[str, str] = {**FIGURES, **EPOCH_KEYS, **RUN_FIELDS, **SUMMARY_FIELDS}
 
@@ -236,6 +284,8 @@ def describe_key(key: str) -> str | None:
         return f"standard deviation over seeds of: {FIGURES[key[: -len('_std')]]}"
     if key in ONLINE_KEYS:
         return ONLINE_KEYS[key]
+    if key in AB_KEYS:
+        return AB_KEYS[key]
     parts = key.split("/")
     if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean":
         return ONLINE_KEYS["rewards/<name>/mean"]

@@ -655,3 +655,232 @@ def write_online_report(
         md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     _write_text(out_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
     return clean
+
+# --------------------------------------------------------------------------- A/B test
+
+#: Rows of the A/B table, in the order of the paper's online table (CTR, long view,
+#: reformulation, then what the simulator adds, then latency); `dualrerank.train.abtest`
+#: computes them.
+AB_ROWS = (
+    "ctr", "ctr_per_page", "long_view_rate", "reformulation_rate", "watch_time_per_request", "normalized_utility",
+    "utility", "latency_ms_p50", "latency_ms_p99",
+)
+#: Rows drawn in lifts.png (latency has no interval, see docs/evaluation.md).
+AB_PLOT_ROWS = ("ctr", "long_view_rate", "reformulation_rate", "watch_time_per_request", "normalized_utility", "latency_ms_p50")
+_AB_DIGITS = {"watch_time_per_request": 2, "utility": 3, "latency_ms_p50": 2, "latency_ms_p99": 2}
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.2f}%"
+
+
+def _lift_cell(row: Mapping[str, Any]) -> str:
+    lift, ci = _number(row.get("lift")), row.get("lift_ci")
+    if lift is None:
+        # No relative lift (a control value <= 0): the absolute difference instead.
+        diff, dci = _number(row.get("difference")), row.get("difference_ci")
+        if diff is None:
+            return MISSING
+        return f"Δ {diff:+.4f}" + (f" [{dci[0]:+.4f}, {dci[1]:+.4f}]" if dci else "")
+    if not ci:
+        return f"{_pct(lift)} (no interval)"
+    lo, hi = ci
+    # An asterisk where the interval excludes 0: the difference is significant at its level.
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{_pct(lift)}{star} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _ab_order(summary: Mapping[str, Any]) -> tuple[str, list[str]]:
+    control = summary["control"]
+    return control, [a for a in summary["arms"] if a != control]
+
+
+def ab_results_table(summary: Mapping[str, Any]) -> str:
+    """The A/B table of a `dualrerank ab` summary: one row per metric (`AB_ROWS`), the
+    control's value, then each arm's value and its lift against the control with its
+    interval (`lift [low, high]`, an asterisk where the interval excludes 0)."""
+    control, others = _ab_order(summary)
+    level = f"{summary.get('confidence', 0.95):.0%} CI"
+    columns = ["metric", f"{control} (control)"]
+    for arm in others:
+        columns += [arm, f"{arm} lift [{level}]"]
+    rows = []
+    for metric in AB_ROWS:
+        digits = _AB_DIGITS.get(metric, 4)
+        value = summary["arms"][control].get(metric)
+        row: dict[str, Any] = {"metric": metric, columns[1]: MISSING if value is None else _format_number(value, digits)}
+        for arm in others:
+            v = summary["arms"][arm].get(metric)
+            row[arm] = MISSING if v is None else _format_number(v, digits)
+            row[f"{arm} lift [{level}]"] = _lift_cell(summary["lifts"][arm][metric])
+        rows.append(row)
+    return markdown_table(rows, columns)
+
+
+def plot_lifts(summary: Mapping[str, Any], out_png: Path, metrics: Sequence[str] = AB_PLOT_ROWS) -> Path | None:
+    """One panel per metric: each arm's relative lift against the control (percent) with its
+    interval as an error bar (a bare point where there is none); None when no arm has a lift."""
+    control, others = _ab_order(summary)
+    panels = [m for m in metrics if any(_number(summary["lifts"][a][m].get("lift")) is not None for a in others)]
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(4.3 * ncols, (0.45 * len(others) + 1.3) * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, metric in zip(axes, panels):
+        for i, arm in enumerate(others):
+            row = summary["lifts"][arm][metric]
+            lift = _number(row.get("lift"))
+            if lift is None:
+                continue
+            ci = row.get("lift_ci")
+            err = None if not ci else [[(lift - ci[0]) * 100], [(ci[1] - lift) * 100]]
+            ax.errorbar([lift * 100], [i], xerr=err, fmt="o", color=f"C{i % 10}", capsize=4, markersize=5)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(others)), others)
+        ax.set_ylim(-0.6, len(others) - 0.4)
+        ax.invert_yaxis()
+        ax.set_title(metric)
+        ax.set_xlabel(f"lift vs {control} (%)")
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Lift against {control}, {summary.get('confidence', 0.95):.0%} intervals ({summary.get('design')} design)")
+    return _save_png(fig, Path(out_png))
+
+
+def _third_party_lines(third: Mapping[str, Any]) -> list[str]:
+    one, two = third.get("extraction_1", {}), third.get("extraction_2", {})
+
+    def pct(d: Mapping[str, Any], key: str) -> str:
+        return f"{d[key]:+.3f}%" if _number(d.get(key)) is not None else MISSING
+
+    latency_one = (f"{one['latency_ms_baseline']} ms -> {one['latency_ms']} ms ({one['latency_lift_pct']:+.1f}%)"
+                   if one.get("latency_ms_baseline") else MISSING)
+    rows = [
+        {"metric": "ctr", "extraction 1": pct(one, "ctr_lift_pct"), "extraction 2": pct(two, "ctr_lift_pct")},
+        {"metric": "long_view_rate", "extraction 1": pct(one, "long_view_lift_pct"), "extraction 2": pct(two, "long_view_lift_pct")},
+        {"metric": "reformulation_rate", "extraction 1": pct(one, "reformulation_lift_pct"),
+         "extraction 2": pct(two, "reformulation_lift_pct")},
+        {"metric": "latency", "extraction 1": latency_one,
+         "extraction 2": f"{two['latency_ms']} ms" if two.get("latency_ms") else MISSING},
+    ]
+    return [
+        "## What the paper reports (third-party, not measured here)", "",
+        f"{third.get('source', '')}. Extraction 1: {one.get('from', '?')}; extraction 2: {two.get('from', '?')}. "
+        "They agree on CTR and on Dual-Rerank's 12.1 ms and disagree on the rest; neither is verified, and neither "
+        "is a figure of this project. Watch time and normalized utility are not reported.", "",
+        markdown_table(rows, ["metric", "extraction 1", "extraction 2"]), "",
+    ]
+
+
+def write_ab_report(out_dir: Path, summary: Mapping[str, Any], *, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Write a `dualrerank ab` test's `summary.json`, `report.md` and `lifts.png` into
+    `out_dir`; returns the summary as written (strict JSON: non-finite figures become null
+    and are listed under `non_finite`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    non_finite: list[str] = []
+    clean = _jsonable(dict(summary), "summary", non_finite)
+    plots: list[str] = []
+    png = plot_lifts(clean, out_dir / "lifts.png")
+    if png is not None:
+        plots.append(png.name)
+    clean.update({"plots": plots, "non_finite": non_finite})
+    _write_text(out_dir / "summary.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+
+    control, others = _ab_order(clean)
+    arms = clean["arms"]
+    world = clean.get("world") or "the default world"
+    md = [f"# {clean['title']}", ""]
+    if clean.get("commands"):
+        md += ["Produced by:", "", "```bash", *clean["commands"], "```", ""]
+    md += [
+        f"- design: {clean['design']} ({'every arm serves every request, independent feedback draws' if clean['design'] == 'paired' else 'each request served by one arm drawn uniformly at random'})",
+        f"- traffic: {clean['requests']:,} requests of {world} (world seed {clean['world_seed']}), traffic seed "
+        f"{clean['traffic_seed']}, {clean['requests_per_step']} requests per stream step, {clean['steps']} steps, "
+        f"{clean['drift_events']} drift event(s) in force during the test; pages of {clean['page_length']} items",
+        f"- control: {control}; intervals: {clean['confidence']:.0%}, {clean['interval_method']} method",
+        "- arms: " + "; ".join(f"{a} = {arms[a]['arm_path']} ({arms[a]['model']}, {arms[a]['requests']:,} requests, served "
+                               f"for latency by {arms[a]['serving_path']})" for a in arms),
+        "",
+        "## Results", "",
+        ab_results_table(clean), "",
+        "Lift = arm / control - 1, with its interval; * the interval excludes 0; Δ: the difference arm - control, "
+        "where the control's value is not positive. Latency is timed at batch size 1 "
+        "on each arm's serving path on this machine, without an interval. Rows:", "",
+        *key_glossary(AB_ROWS), "",
+    ]
+    parity = [f"{a} {arms[a]['serving_parity']:.0%}" for a in arms if _number(arms[a].get("serving_parity")) is not None]
+    if parity:
+        md += [f"Serving path agrees with the pages served in the test (timed requests): {', '.join(parity)}.", ""]
+    md += ["## Power", "", clean["power"]["line"], ""]
+    md += _third_party_lines(clean.get("third_party", {}))
+    if non_finite:
+        md += [f"Non-finite figures (stored as null in summary.json): {', '.join(non_finite)}.", ""]
+    if notes:
+        md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    if plots:
+        md += ["## Plot", "", *(f"[![{p}]({p})]({p})" for p in plots), ""]
+    md += [f"Wall time: {clean.get('wall_seconds', 0):.1f} s. Config: [config.yaml](config.yaml).", ""]
+    _write_text(out_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
+    return clean
+
+
+# --------------------------------------------------------------------------- off-policy evaluation
+
+OPE_COLUMNS = ("estimate", "ci_low", "ci_high", "se", "error", "covered", "ess", "nonzero_share")
+
+
+def write_ope_report(
+    out_dir: Path,
+    summary: Mapping[str, Any],
+    estimators: Mapping[str, tuple[str, str]],
+    *,
+    level: float,
+    interval_method: str,
+) -> dict[str, Any]:
+    """Write `dualrerank ope`'s `summary.json` and `report.md` into `out_dir`.
+
+    summary: {"estimators": {name: figures}, "truth", "logged_reward", "data", "support_notes", ...}
+    (docs/metrics.md, 'Off-policy evaluation'); estimators: name -> (what it is, what it
+    assumes), for the report's list. Returns the summary as written (strict JSON)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    non_finite: list[str] = []
+    clean = _jsonable(dict(summary), "summary", non_finite)
+    clean["non_finite"] = non_finite
+    _write_text(out_dir / "summary.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+
+    truth = clean.get("truth")
+    columns = [c for c in OPE_COLUMNS if truth is not None or c not in ("error", "covered")]
+    rows = [{"estimator": name, **{c: fig.get(c) for c in columns}} for name, fig in clean["estimators"].items()]
+    data = clean.get("data", {})
+    md = [f"# {clean.get('title', 'dualrerank ope')}", ""]
+    if clean.get("commands"):
+        md += ["Produced by:", "", "```bash", *clean["commands"], "```", ""]
+    weights = ", ".join(f"{v:g} x {k}" for k, v in clean.get("reward_weights", {}).items())
+    md += [f"Policy `{clean.get('policy')}` ({clean.get('policy_model')}); evaluator: "
+           f"{'`' + str(clean['evaluator']) + '`' if clean.get('evaluator') else 'none'}. Logs: {data.get('source')}, "
+           f"{data.get('requests', 0):,} requests, pages of {data.get('page_length')}.", "",
+           f"Estimand: the policy's mean page reward on these requests, reward = {weights} events summed over the "
+           f"page. The logged pages' realised mean reward (the logging policy's value): "
+           f"{_format_number(clean.get('logged_reward') or 0.0, 4)}."
+           + (f" True value (exact, from the simulated world's user model): {_format_number(truth, 4)}." if truth is not None
+              else ""), "",
+           f"Intervals: {level:.0%}, {interval_method}.", "",
+           markdown_table(rows, ["estimator", *columns]), "",
+           "Columns:", "", *key_glossary(f"estimators.<name>.{c}" for c in columns), "", "## Estimators", ""]
+    for name, fig in clean["estimators"].items():
+        what, assumes = estimators.get(name, (name, ""))
+        line = f"- `{name}`: {what}; assumes: {assumes}."
+        if fig.get("status") != "ok":
+            line += f" **Not run**: {fig.get('reason')}."
+        md.append(line)
+    md.append("")
+    if clean.get("support_notes"):
+        md += ["## Support", "", *(f"- {n}" for n in clean["support_notes"]), ""]
+    md += ["Config: [config.yaml](config.yaml); every figure: [summary.json](summary.json).", ""]
+    _write_text(out_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
+    return clean
