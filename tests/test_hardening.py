@@ -427,3 +427,19 @@ def test_report_training_time_counts_every_phase(tmp_path):
     line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("- training time"))
     assert "evaluator targets" in line and "teacher" in line
     assert float(line.split(":")[1].split()[0]) >= phases["evaluator"] + phases["teacher"] - 0.2
+
+
+def test_report_to_tensorboard_writes_event_files_with_every_metric(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, **{"optim.epochs": 2})
+    assert main(["train", "--model", "teacher", "--config", str(cfg), "--out", str(out), "--quiet",
+                 "--report-to", "tensorboard"]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train_loss", "valid_normalized_utility", "valid_score"} <= tags
+    assert [e.step for e in acc.Scalars("train_loss")] == [1, 2]
+    logged = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in acc.Scalars("train_loss")] == pytest.approx(logged, rel=1e-6)

@@ -41,6 +41,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from the phase and epoch where it stopped")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    parser.add_argument("--report-to", default="none", choices=("none", "tensorboard"),
+                        help="also log every metric to TensorBoard event files in OUT/tensorboard "
+                        "(needs: pip install 'dualrerank[tensorboard]')")
 
 
 def load_run_config(config_cls: type[T], args: argparse.Namespace, overrides: dict[str, Any]) -> T:

@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides.update({"data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs})
     cfg = load_run_config(DistillConfig, args, overrides)
     result = distill_model(cfg, args.out, args.teacher, resume=args.resume, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           progress=not args.quiet, report_to=args.report_to)
     if args.json:
         print_json(result)
     else:

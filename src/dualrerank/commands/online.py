@@ -47,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         boot = args.out.parent / f"{args.out.name}-bootstrap"
         note("online", f"no --from: training the teacher, evaluator and student first into {boot} (reused when finished)")
         from_dir = bootstrap(cfg, boot, progress=not args.quiet)
-    result = run_online(cfg, args.out, from_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = run_online(cfg, args.out, from_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                        report_to=args.report_to)
     if args.json:
         print_json(result)
     else:

@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"model": args.model, "data.source": args.data, "data.path": args.path, "optim.epochs": args.epochs}
     cfg = load_run_config(TrainConfig, args, overrides)
     result = train_model(cfg, args.out, resume=args.resume, overwrite=args.overwrite, evaluator_dir=args.evaluator,
-                         progress=not args.quiet)
+                         progress=not args.quiet, report_to=args.report_to)
     if args.json:
         print_json(result)
     else:

@@ -385,6 +385,7 @@ def distill_model(
     overwrite: bool = False,
     progress: bool = True,
     splits: Splits | None = None,
+    report_to: str = "none",
 ) -> dict[str, Any]:
     """Trains the student into run_dir (config.yaml, metrics.jsonl, checkpoint/, eval.json, report.md);
     returns the test figures: everything train_model returns (utility, normalized_utility, ndcg@4, ndcg@10,
@@ -413,7 +414,7 @@ def distill_model(
     with clock("student"):
         fit(
             student, splits.train, extras, distill_objective(cfg, teacher, L), _validator(splits, teacher, L, cfg.select_by),
-            save, cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase="student",
+            save, cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase="student", report_to=report_to,
         )
     best = load_checkpoint(run_dir / "checkpoint")
     with clock("test"):

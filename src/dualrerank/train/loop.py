@@ -82,6 +82,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     phase: str = "train",
+    report_to: str = "none",
 ) -> dict[str, Any]:
     """Train `model` in place (`phase` names it in progress lines); returns {"best_score", "best_epoch", "epochs_run", "stopped_early"}.
 
@@ -102,7 +103,7 @@ def fit(
     )
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "finished": False}
     last = run_dir / "last.pt"
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", report_to)
     if resume and last.is_file():
         saved = load_snapshot(last)
         try:

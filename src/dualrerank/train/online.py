@@ -567,6 +567,7 @@ def run_online(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    report_to: str = "none",
 ) -> dict[str, Any]:
     """Run the online loop into `out` (config.yaml, metrics.jsonl, online.pt, student/,
     teacher/, evaluator/ checkpoints); returns the last evaluation figures."""
@@ -589,7 +590,7 @@ def run_online(
         scale=RewardScale(D, cfg.scale_momentum, cfg.scale_warmup, cfg.scale_jump),
         watch_ratio=RewardScale(1, cfg.scale_momentum, cfg.scale_warmup, cfg.scale_jump),
     )
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", report_to)
     snap = out / "online.pt"
     if resume and snap.is_file():
         saved = load_snapshot(snap)

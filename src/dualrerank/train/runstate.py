@@ -21,6 +21,7 @@ module is the one place that
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -46,10 +47,13 @@ __all__ = [
     "optimizer_step",
 ]
 
+#: Where a run's metrics go besides metrics.jsonl (`--report-to`).
+REPORT_TO = ("none", "tensorboard")
+
 # What a finished or interrupted run leaves in its directory; `--overwrite` removes these.
 RUN_FILES = (
     "config.yaml", "metrics.jsonl", "last.pt", "checkpoint", "eval.json", "report.md", "curves.png",
-    "evaluator", "targets.pt",
+    "evaluator", "targets.pt", "tensorboard", "online.pt", "student", "teacher",
 )
 # A directory holding any of these holds a run's work (a lone config.yaml is a run that
 # failed before its first epoch: nothing to lose, so it does not block a new start).
@@ -177,14 +181,33 @@ class MetricsLog:
     after the snapshot that was resumed from.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, report_to: str = "none") -> None:
         self.path = Path(path)
+        if report_to not in REPORT_TO:
+            raise ConfigError(f"--report-to: {report_to!r} is not one of {list(REPORT_TO)}")
+        self._writer: Any = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--report-to tensorboard needs the tensorboard package: "
+                                  "pip install 'dualrerank[tensorboard]'") from None
+            # Event files beside metrics.jsonl: `tensorboard --logdir RUN` shows every run.
+            self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self._writer is not None:
+            step = record.get("epoch", record.get("step", 0))
+            for key, value in record.items():
+                if key in ("epoch", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if math.isfinite(value):
+                    self._writer.add_scalar(key, value, int(step))
+            self._writer.flush()
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.is_file() else 0

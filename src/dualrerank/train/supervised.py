@@ -128,7 +128,7 @@ def _save(name: str) -> Callable[[Any, Path, dict], None]:
     return save
 
 
-def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: bool, resume: bool) -> Any:
+def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: bool, resume: bool, report_to: str = "none") -> Any:
     """The evaluator phase of a run with 'evaluator' targets, in `RUN/evaluator/`; a resume
     continues it where it stopped, or skips it when it had finished."""
     ev_dir = run_dir / "evaluator"
@@ -141,6 +141,7 @@ def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: 
         model, splits.train, {}, own_loss_objective,
         lambda m: validation_score(m, splits.valid, splits.page_length),
         _save("evaluator"), cfg.evaluator_optim, ev_dir, cfg.seed, resume=resume, progress=progress, phase="evaluator",
+        report_to=report_to,
     )
     return load_checkpoint(ev_dir / "checkpoint")
 
@@ -164,6 +165,7 @@ def train_model(
     evaluator_dir: Path | None = None,
     progress: bool = True,
     splits: Splits | None = None,
+    report_to: str = "none",
 ) -> dict[str, Any]:
     """Train `cfg.model` into `run_dir` (see the module docstring); returns the test figures.
 
@@ -196,7 +198,7 @@ def train_model(
                 with clock("evaluator"):
                     evaluator = (
                         load_checkpoint(evaluator_dir) if evaluator_dir is not None
-                        else _train_evaluator(cfg, splits, run_dir, progress, resume)
+                        else _train_evaluator(cfg, splits, run_dir, progress, resume, report_to)
                     )
                 with clock("evaluator_targets"):
                     targets = _cached_targets(
@@ -212,6 +214,7 @@ def train_model(
                 model, splits.train, extras, objective,
                 lambda m: validation_score(m, splits.valid, L),
                 _save(cfg.model), cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase=cfg.model,
+                report_to=report_to,
             )
     best = load_checkpoint(run_dir / "checkpoint")
     if isinstance(best, nn.Module):
