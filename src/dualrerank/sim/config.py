@@ -28,7 +28,7 @@ __all__ = [
 
 from dualrerank.feedback import FEEDBACK_NAMES  # noqa: E402  (one definition of the feedback columns)
 REWARD_DIMENSIONS = FEEDBACK_NAMES + ("reformulate",)
-DRIFT_KINDS = ("rotate_preferences", "reward", "redundancy")
+DRIFT_KINDS = ("rotate_preferences", "reward", "redundancy", "stale_upstream")
 DURATION_KINDS = ("packaged", "lognormal")
 
 

@@ -8,6 +8,9 @@ A schedule of `DriftEvent`s (in `WorldConfig.drift`) changes the world at given 
 * ``reward``: the utility weight of one reward dimension and/or the unit its feedback is
   reported in (e.g. watch time in ms instead of s) changes;
 * ``redundancy``: the satiation strength is multiplied by `factor`.
+* ``stale_upstream``: the upstream ranker stops following users: its score keeps the
+  preferences in force at this step, so later rotations reach users but not the upstream
+  score (a stale upstream model, [ours]).
 
 Events apply cumulatively, in order of step (ties: order in the list). The world at step s
 is the base world with every event of step <= s applied.
@@ -47,10 +50,13 @@ def effective_params(config: WorldConfig, catalogue: Catalogue, seed: int, step:
     weights = config.utility.weights()
     scales = config.utility.scales()
     rotation = torch.eye(catalogue.topic.shape[1])
+    upstream_rotation: torch.Tensor | None = None  # None: the upstream score follows users
     redundancy = r.redundancy
     for index, event in active_events(config.drift, step):
         if event.kind == "rotate_preferences":
             rotation = plane_rotation(rotation.shape[0], event.angle, seeded(seed, f"drift/{index}")) @ rotation
+        elif event.kind == "stale_upstream":
+            upstream_rotation = rotation.clone() if upstream_rotation is None else upstream_rotation
         elif event.kind == "reward":
             if event.weight is not None:
                 weights[event.dimension] = float(event.weight)
@@ -80,4 +86,5 @@ def effective_params(config: WorldConfig, catalogue: Catalogue, seed: int, step:
         reformulate_viewport=r.reformulate_viewport,
         weights=weights,
         scales=scales,
+        upstream_rotation=upstream_rotation,
     )

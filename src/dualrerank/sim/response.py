@@ -62,6 +62,7 @@ class ResponseParams:
     reformulate_viewport: float
     weights: dict[str, float]  # per REWARD_DIMENSIONS, utility per true unit
     scales: dict[str, float]  # per FEEDBACK_NAMES, reported = true x scale
+    upstream_rotation: torch.Tensor | None = None  # [k, k] the upstream ranker's view of preferences (None: rotation)
 
 
 @dataclass(frozen=True)

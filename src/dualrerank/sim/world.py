@@ -147,7 +147,8 @@ class World:
             item_ids=items,
             upstream_score=torch.zeros(num, n),
         )
-        upstream = relevance(self.params, state) + rq.upstream_noise * torch.randn(num, n, generator=g)
+        seen = self.params if self.params.upstream_rotation is None else replace(self.params, rotation=self.params.upstream_rotation)
+        upstream = relevance(seen, state) + rq.upstream_noise * torch.randn(num, n, generator=g)
         state = replace(state, upstream_score=upstream)
 
         features = torch.cat(

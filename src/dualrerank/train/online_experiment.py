@@ -17,7 +17,8 @@ the evaluation points (`eval/normalized_utility` every `eval_every` steps):
 [ours] Streams named in issue 10: `0` no shift; `A` watch time reported in ms instead of s
 (weights unchanged), later a preference rotation; `B` the team raises one dimension's
 weight x10 (the world's utility weight and the reward weight together), later redundancy
-doubles. Their configs live in `configs/online_experiment.yaml`.
+doubles; `C` the upstream score goes stale while user preferences rotate. Their configs
+live in `configs/online_experiment.yaml`.
 """
 
 from __future__ import annotations
