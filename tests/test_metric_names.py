@@ -32,6 +32,7 @@ from dualrerank.metrics import (
     FIGURES,
     LOGGED_KEYS,
     ONLINE_KEYS,
+    OPE_KEYS,
     RUN_FIELDS,
     SUMMARY_FIELDS,
     describe_key,
@@ -248,6 +249,7 @@ def test_docs_show_exactly_the_list():
         "Experiment summary (summary.json)": SUMMARY_FIELDS, "Derived names": DERIVED_KEYS,
         "Online steps (dualrerank online, metrics.jsonl)": ONLINE_KEYS,
         "A/B test (dualrerank ab, summary.json)": AB_KEYS,
+        "Off-policy evaluation (dualrerank ope, summary.json)": OPE_KEYS,
     }
     assert list(tables) == list(expected)
     for title, names in expected.items():

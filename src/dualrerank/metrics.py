@@ -263,6 +263,45 @@ AB_KEYS: dict[str, str] = {
     "power.line": "the power line as one sentence (report.md quotes it)",
 }
 
+#: Keys of `dualrerank ope`'s summary.json (docs/evaluation.md) beyond the listed names it
+#: shares (title, commands, config, non_finite): top-level keys, `data.*`, `reward_weights.*`
+#: and the keys of each `estimators.<name>` record (`<name>`: ips, snips, pi, dm, dr, pi_dr,
+#: cascade_dr, cascade_sndr).
+OPE_KEYS: dict[str, str] = {
+    "policy": "the run directory or checkpoint of the reranker evaluated",
+    "policy_model": "its registry model name",
+    "evaluator": "the ListEvaluator checkpoint behind dm and the DR estimators (null: none, they are not run)",
+    "data": "the logs evaluated on (keys data.*)",
+    "data.source": "data source of the logs: synthetic, letor or mind",
+    "data.path": "the world YAML, logs folder or data path (null: the default world)",
+    "data.world_seed": "seed of the simulated world the logs come from (null for other sources)",
+    "data.logs_seed": "seed the logs of a generated world were drawn with (run seed + 3,000,003; null for a logs folder)",
+    "data.requests": "logged requests evaluated on",
+    "data.page_length": "positions of each logged page, and of the policy's page (L)",
+    "reward_weights": "the page reward's weight per feedback event (keys reward_weights.*)",
+    "reward_weights.click": "reward per click event",
+    "reward_weights.long_view": "reward per long-view event",
+    "logged_reward": "mean realised page reward of the logged pages: the logging policy's value on these requests",
+    "truth": "exact mean page reward of the policy's pages on these requests under the simulated world's user model (null without a world)",
+    "estimators": "one record per estimator (keys estimators.<name>.*)",
+    "estimators.<name>": "the record of estimator <name>: ips, snips, pi, dm, dr, pi_dr, cascade_dr or cascade_sndr (docs/evaluation.md)",
+    "estimators.<name>.status": "ok; no support (no logged page, prefix or item equals the policy's: the value is 0 or dm's, not an estimate); not run",
+    "estimators.<name>.reason": "why the estimator has no support or did not run (null when ok)",
+    "estimators.<name>.estimate": "the estimated mean page reward of the policy",
+    "estimators.<name>.se": "standard error of the estimate (influence terms; self-normalised forms by the delta method)",
+    "estimators.<name>.ci_low": "lower end of the confidence interval (normal, or bootstrap percentile)",
+    "estimators.<name>.ci_high": "upper end of the confidence interval",
+    "estimators.<name>.error": "estimate - truth (simulated world only)",
+    "estimators.<name>.covered": "whether the interval holds the truth (simulated world only)",
+    "estimators.<name>.ess": "Kish effective sample size (sum w)^2 / sum w^2 of the estimator's weights; per-position weights: the smallest over positions",
+    "estimators.<name>.ess_share": "ess over the number of logged requests",
+    "estimators.<name>.ess_by_position": "per-position weights: the effective sample size at each position (null for whole-page weights)",
+    "estimators.<name>.weight_max": "largest importance weight",
+    "estimators.<name>.nonzero_share": "share of logged requests with a non-zero weight (at some position)",
+    "support_notes": "what the estimates rest on: logged pages and prefixes equal to the policy's, estimators not run and why",
+    "elapsed_seconds": "wall-clock seconds of the evaluation (logs, policy pages, evaluator, marginals, estimates)",
+}
+
 #: Every literal logged name and its meaning.
 LOGGED_KEYS: dict[str, str] = {**FIGURES, **EPOCH_KEYS, **RUN_FIELDS, **SUMMARY_FIELDS}
 
@@ -286,6 +325,11 @@ def describe_key(key: str) -> str | None:
         return ONLINE_KEYS[key]
     if key in AB_KEYS:
         return AB_KEYS[key]
+    if key in OPE_KEYS:
+        return OPE_KEYS[key]
+    ope = key.split(".")
+    if len(ope) in (2, 3) and ope[0] == "estimators" and ".".join(["estimators", "<name>", *ope[2:]]) in OPE_KEYS:
+        return OPE_KEYS[".".join(["estimators", "<name>", *ope[2:]])]
     parts = key.split("/")
     if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean":
         return ONLINE_KEYS["rewards/<name>/mean"]
