@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--teacher", type=Path, required=True,
                    help="teacher checkpoint directory (or the teacher's run directory holding checkpoint/)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"),
+    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind", "parquet"),
                    help="data source (default: the teacher run's, else synthetic)")
     p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder; "
                    "default: the teacher run's)")

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'data' section, --data and --path replace them when given.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (or a run directory holding checkpoint/)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"), help="data source (default: the run's)")
+    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind", "parquet"), help="data source (default: the run's)")
     p.add_argument("--path", default=None, help="data path (default: the run's)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="which held-out split")
     p.add_argument("--data-seed", type=int, default=None,

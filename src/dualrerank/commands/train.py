@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval.json (test figures) and report.md into --out.",
     )
     p.add_argument("--model", default=None, help="registered model name (default: the config's, else teacher)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"), help="data source (default: synthetic)")
+    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind", "parquet"), help="data source (default: synthetic)")
     p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder)")
     add_run_args(p)
     p.add_argument("--evaluator", type=Path, default=None,

@@ -10,6 +10,8 @@ pages where there is one.
 - mind: impressions split into train / valid / test by a fixed hash of the impression id
   (not by any seed, so no seed can move a test impression into training); NDCG and AUC on
   real clicks.
+- parquet: a columnar request log (`data/columnar.py`), split likewise by a fixed hash of
+  the request id; figures from its labels and logged feedback.
 
 The data seed (`SplitConfig.seed`) is separate from a run's seed, so that several training
 seeds are compared on the same held-out requests. It draws the simulated world and its
@@ -38,11 +40,12 @@ GENERATED_TRAIN_REQUESTS = 8000
 
 @dataclass
 class SplitConfig:
-    source: str = option("synthetic", "data source", choices=("synthetic", "letor", "mind"))
+    source: str = option("synthetic", "data source", choices=("synthetic", "letor", "mind", "parquet"))
     path: str | None = option(
         None,
         "synthetic: a world YAML or a 'simulate --out' folder (default world if unset); "
-        "letor: a folder with S1..S5.txt or 'Fold k' folders; mind: a folder with behaviors.tsv",
+        "letor: a folder with S1..S5.txt or 'Fold k' folders; mind: a folder with behaviors.tsv; "
+        "parquet: a request log (.parquet file or folder of them)",
     )
     seed: int = option(0, "seed of the data (world, requests, logs, random splits), kept apart from the run's seed")
     train_requests: int | None = option(
@@ -53,8 +56,8 @@ class SplitConfig:
     test_requests: int = option(2000, "synthetic: held-out requests for the final test")
     page_length: int = option(10, "page length L produced and evaluated")
     fold: int = option(1, "letor: fold number (1..5)")
-    valid_share: float = option(0.1, "mind: share of impressions for validation")
-    test_share: float = option(0.2, "mind: share of impressions for the test")
+    valid_share: float = option(0.1, "mind, parquet: share of impressions (requests) for validation")
+    test_share: float = option(0.2, "mind, parquet: share of impressions (requests) for the test")
     letor: SvmlightOptions = option(factory=SvmlightOptions, help="letor: options of the SVMlight/LETOR reader")
     mind: MindOptions = option(factory=MindOptions, help="mind: options of the MIND reader")
 
@@ -152,7 +155,27 @@ def _mind(cfg: SplitConfig) -> Splits:
     )
 
 
-_SOURCES = {"synthetic": _synthetic, "letor": _letor, "mind": _mind}
+def _parquet(cfg: SplitConfig) -> Splits:
+    from dualrerank.data.columnar import load_parquet
+
+    if not cfg.path:
+        raise ConfigError("data.path: the parquet source needs a request log (a .parquet file or a folder of them)")
+    batch = load_parquet(Path(cfg.path))
+    # Every row has a request id (the format requires one), so the split is the id's alone.
+    train, valid, test = hash_split(batch.request_ids, cfg.valid_share, cfg.test_share)
+    for name, idx in (("train", train), ("valid", valid), ("test", test)):
+        if idx.numel() == 0:
+            raise ConfigError(f"data: the {name} split of {cfg.path} is empty ({batch.batch_size} requests); "
+                              "use more requests or larger shares")
+    return Splits(
+        train=batch.select(train).trim(),
+        valid=EvalSplit(batch.select(valid).trim(), name="valid"),
+        test=EvalSplit(batch.select(test).trim(), name="test"),
+        page_length=cfg.page_length,
+    )
+
+
+_SOURCES = {"synthetic": _synthetic, "letor": _letor, "mind": _mind, "parquet": _parquet}
 
 
 def load_splits(cfg: SplitConfig) -> Splits:
