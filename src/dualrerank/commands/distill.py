@@ -22,6 +22,7 @@ from dualrerank.commands._common import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dualrerank.train.splits import SPLIT_SOURCES
     from dualrerank.train.distill import DistillConfig
 
     p = subparsers.add_parser(
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--teacher", type=Path, required=True,
                    help="teacher checkpoint directory (or the teacher's run directory holding checkpoint/)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind", "parquet"),
+    p.add_argument("--data", default=None, choices=SPLIT_SOURCES,
                    help="data source (default: the teacher run's, else synthetic)")
     p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder; "
                    "default: the teacher run's)")

@@ -23,10 +23,12 @@ _DATA_SEED_EFFECT = {
     "synthetic": "another simulated world with other requests (not the run's held-out requests)",
     "letor": "other simulated feedback on the same held-out queries",
     "mind": "nothing: MIND splits are fixed by impression id",
+    "parquet": "nothing: parquet splits are fixed by request id",
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dualrerank.train.splits import SPLIT_SOURCES
     from dualrerank.train.supervised import TrainConfig
 
     p = subparsers.add_parser(
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'data' section, --data and --path replace them when given.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (or a run directory holding checkpoint/)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind", "parquet"), help="data source (default: the run's)")
+    p.add_argument("--data", default=None, choices=SPLIT_SOURCES, help="data source (default: the run's)")
     p.add_argument("--path", default=None, help="data path (default: the run's)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="which held-out split")
     p.add_argument("--data-seed", type=int, default=None,

@@ -17,6 +17,7 @@ from dualrerank.commands._common import add_config_args, load_from_args, print_j
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dualrerank.train.splits import SPLIT_SOURCES
     from dualrerank.train.ope import OpeConfig
 
     p = subparsers.add_parser(
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "propensities (LETOR, MIND) are refused with one line (exit status 2).",
     )
     p.add_argument("--policy", type=Path, required=True, help="the reranker: a run directory or its checkpoint/")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind"),
+    p.add_argument("--data", default=None, choices=SPLIT_SOURCES,
                    help="source of the logs (default: the policy run's)")
     p.add_argument("--path", default=None, help="data path: world YAML or 'simulate --out' folder (synthetic), "
                    "data folder (letor, mind); default: the policy run's")

@@ -15,6 +15,7 @@ from dualrerank.commands._common import add_config_args, add_run_args, load_run_
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dualrerank.train.splits import SPLIT_SOURCES
     from dualrerank.train.supervised import TrainConfig
 
     p = subparsers.add_parser(
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval.json (test figures) and report.md into --out.",
     )
     p.add_argument("--model", default=None, help="registered model name (default: the config's, else teacher)")
-    p.add_argument("--data", default=None, choices=("synthetic", "letor", "mind", "parquet"), help="data source (default: synthetic)")
+    p.add_argument("--data", default=None, choices=SPLIT_SOURCES, help="data source (default: synthetic)")
     p.add_argument("--path", default=None, help="data path (letor folder, mind folder, world YAML or simulate --out folder)")
     add_run_args(p)
     p.add_argument("--evaluator", type=Path, default=None,

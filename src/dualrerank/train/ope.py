@@ -80,6 +80,7 @@ from dualrerank.errors import CheckpointError, ConfigError, DataError
 from dualrerank.feedback import CLICK, LONG_VIEW, page_events
 from dualrerank.schema import RerankBatch
 from dualrerank.sim.policies import gumbel
+from dualrerank.train.splits import SPLIT_SOURCES
 
 __all__ = [
     "ESTIMATORS",
@@ -128,7 +129,7 @@ class OpeDataConfig:
     """The logs to evaluate on."""
 
     source: str | None = option(None, "data source: synthetic, letor or mind (default: the policy run's)",
-                                choices=(None, "synthetic", "letor", "mind"))
+                                choices=(None, *SPLIT_SOURCES))
     path: str | None = option(None, "synthetic: a world YAML or a 'simulate --out' folder; letor/mind: the data "
                               "(default: the policy run's when the source is the run's)")
     world_seed: int | None = option(None, "synthetic, generated world: the world's seed (default: the policy run's "

@@ -36,11 +36,13 @@ from dualrerank.train.evaluation import EvalSplit
 
 
 GENERATED_TRAIN_REQUESTS = 8000
+#: The data sources a run can train and evaluate on: the one list every command's --data uses.
+SPLIT_SOURCES = ("synthetic", "letor", "mind", "parquet")
 
 
 @dataclass
 class SplitConfig:
-    source: str = option("synthetic", "data source", choices=("synthetic", "letor", "mind", "parquet"))
+    source: str = option("synthetic", "data source", choices=SPLIT_SOURCES)
     path: str | None = option(
         None,
         "synthetic: a world YAML or a 'simulate --out' folder (default world if unset); "
@@ -176,6 +178,7 @@ def _parquet(cfg: SplitConfig) -> Splits:
 
 
 _SOURCES = {"synthetic": _synthetic, "letor": _letor, "mind": _mind, "parquet": _parquet}
+assert tuple(_SOURCES) == SPLIT_SOURCES
 
 
 def load_splits(cfg: SplitConfig) -> Splits:
