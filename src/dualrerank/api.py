@@ -54,11 +54,13 @@ class DualReranker:
         if not isinstance(batch, RerankBatch):
             hint = (
                 "collate(requests) turns a list of Request into one"
-                if isinstance(batch, (list, tuple)) else
-                "build Request(candidates=..., context=...) objects and collate() them"
+                if isinstance(batch, (list, tuple))
+                else "build Request(candidates=..., context=...) objects and collate() them"
             )
-            raise ConfigError(f"rerank/sample: expected a RerankBatch, got {type(batch).__name__}; {hint} "
-                              "(from dualrerank.schema import Request, collate)")
+            raise ConfigError(
+                f"rerank/sample: expected a RerankBatch, got {type(batch).__name__}; {hint} "
+                "(from dualrerank.schema import Request, collate)"
+            )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"rerank/sample: k must be a positive integer, got {k!r}")
         batch.validate(k=k)

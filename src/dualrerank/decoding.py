@@ -110,9 +110,11 @@ def check_pages(pages: torch.Tensor, candidate_mask: torch.Tensor, page_mask: to
     L = p.shape[2]
     same = (safe.unsqueeze(3) == safe.unsqueeze(2)) & pm.unsqueeze(3) & pm.unsqueeze(2)
     same &= ~torch.eye(L, dtype=torch.bool, device=p.device)
-    for bad, what in ((bad_range.any(dim=2), "candidate index out of range"),
-                      (padding.any(dim=2), "points at a padded candidate"),
-                      (same.any(dim=(2, 3)), "repeats a candidate")):
+    for bad, what in (
+        (bad_range.any(dim=2), "candidate index out of range"),
+        (padding.any(dim=2), "points at a padded candidate"),
+        (same.any(dim=(2, 3)), "repeats a candidate"),
+    ):
         if bool(bad.any()):
             b = int(bad.any(dim=1).nonzero()[0])
             raise DataError(f"pages: {what} in request {b}")

@@ -48,8 +48,17 @@ class DemoConfig:
 
 #: `--fast`: about a minute or two on 2 cores, for a first look.
 FAST: dict[str, Any] = {
-    "train_requests": 1500, "valid_requests": 200, "test_requests": 300, "evaluator_epochs": 3, "teacher_epochs": 4,
-    "distill_epochs": 8, "online_steps": 40, "shift_step": 20, "online_batch": 32, "eval_every": 5, "ab_requests": 1000,
+    "train_requests": 1500,
+    "valid_requests": 200,
+    "test_requests": 300,
+    "evaluator_epochs": 3,
+    "teacher_epochs": 4,
+    "distill_epochs": 8,
+    "online_steps": 40,
+    "shift_step": 20,
+    "online_batch": 32,
+    "eval_every": 5,
+    "ab_requests": 1000,
 }
 
 
@@ -61,8 +70,13 @@ def _sizes(cfg: DemoConfig) -> dict[str, Any]:
 def _data(cfg: DemoConfig, out: Path) -> Any:
     from dualrerank.train.splits import SplitConfig
 
-    return SplitConfig(path=str(out / "world.yaml"), seed=cfg.seed, train_requests=cfg.train_requests,
-                       valid_requests=cfg.valid_requests, test_requests=cfg.test_requests)
+    return SplitConfig(
+        path=str(out / "world.yaml"),
+        seed=cfg.seed,
+        train_requests=cfg.train_requests,
+        valid_requests=cfg.valid_requests,
+        test_requests=cfg.test_requests,
+    )
 
 
 # --------------------------------------------------------------------------- stages
@@ -82,8 +96,12 @@ def _teacher(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     from dualrerank.train.supervised import TrainConfig, train_model
 
     tcfg = TrainConfig(
-        seed=cfg.seed, model="teacher", data=_data(cfg, out), optim=OptimConfig(epochs=cfg.teacher_epochs, lr=2e-3),
-        model_config=_sizes(cfg), evaluator_config={"encoder": _sizes(cfg)["encoder"]},
+        seed=cfg.seed,
+        model="teacher",
+        data=_data(cfg, out),
+        optim=OptimConfig(epochs=cfg.teacher_epochs, lr=2e-3),
+        model_config=_sizes(cfg),
+        evaluator_config={"encoder": _sizes(cfg)["encoder"]},
         evaluator_optim=OptimConfig(epochs=cfg.evaluator_epochs, lr=2e-3),
     )
     return train_model(tcfg, out / "teacher", overwrite=True, progress=progress)
@@ -98,8 +116,13 @@ def _baselines(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
         tcfg = TrainConfig(seed=cfg.seed, model=name, data=_data(cfg, out), **extra)
         rows[name] = train_model(tcfg, out / name, overwrite=True, progress=progress)
     # The NAR student without distillation: the same network trained on the logged targets.
-    tcfg = TrainConfig(seed=cfg.seed, model="nar", data=_data(cfg, out), model_config=_sizes(cfg),
-                       optim=OptimConfig(epochs=cfg.distill_epochs, lr=2e-3, patience=cfg.distill_epochs))
+    tcfg = TrainConfig(
+        seed=cfg.seed,
+        model="nar",
+        data=_data(cfg, out),
+        model_config=_sizes(cfg),
+        optim=OptimConfig(epochs=cfg.distill_epochs, lr=2e-3, patience=cfg.distill_epochs),
+    )
     tcfg = dataclasses.replace(tcfg, objective=dataclasses.replace(tcfg.objective, target="logged"))
     rows["nar_no_kd"] = train_model(tcfg, out / "nar_no_kd", overwrite=True, progress=progress)
     return rows
@@ -109,8 +132,12 @@ def _student(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     from dualrerank.train.distill import DistillConfig, distill_model
     from dualrerank.train.loop import OptimConfig
 
-    dcfg = DistillConfig(seed=cfg.seed, data=_data(cfg, out), model_config=_sizes(cfg),
-                         optim=OptimConfig(epochs=cfg.distill_epochs, patience=cfg.distill_epochs, lr=1e-3))
+    dcfg = DistillConfig(
+        seed=cfg.seed,
+        data=_data(cfg, out),
+        model_config=_sizes(cfg),
+        optim=OptimConfig(epochs=cfg.distill_epochs, patience=cfg.distill_epochs, lr=1e-3),
+    )
     return distill_model(dcfg, out / "student", out / "teacher", overwrite=True, progress=progress)
 
 
@@ -120,8 +147,14 @@ def _online(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     results = {}
     for method in ("ldro", "grpo"):
         ocfg = OnlineConfig(
-            seed=cfg.seed, world=str(out / "world.yaml"), method=method, steps=cfg.online_steps,
-            batch_size=cfg.online_batch, lr=1e-3, eval_every=cfg.eval_every, eval_requests=200,
+            seed=cfg.seed,
+            world=str(out / "world.yaml"),
+            method=method,
+            steps=cfg.online_steps,
+            batch_size=cfg.online_batch,
+            lr=1e-3,
+            eval_every=cfg.eval_every,
+            eval_requests=200,
             checkpoint_every=cfg.online_steps,
         )
         results[method] = run_online(ocfg, out / "online" / method, out / "student", overwrite=True, progress=progress)
@@ -131,10 +164,15 @@ def _online(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
 def _ab(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     from dualrerank.train import abtest
 
-    arms = {"upstream": "upstream", "teacher": str(out / "teacher"), "student": str(out / "student"),
-            "ldro_student": str(out / "online" / "ldro" / "student")}
-    return abtest.run_demo_ab(arms, out / "ab", requests=cfg.ab_requests, world=str(out / "world.yaml"),
-                              seed=cfg.seed, progress=progress)
+    arms = {
+        "upstream": "upstream",
+        "teacher": str(out / "teacher"),
+        "student": str(out / "student"),
+        "ldro_student": str(out / "online" / "ldro" / "student"),
+    }
+    return abtest.run_demo_ab(
+        arms, out / "ab", requests=cfg.ab_requests, world=str(out / "world.yaml"), seed=cfg.seed, progress=progress
+    )
 
 
 def _serve(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
@@ -171,8 +209,10 @@ def run_demo(cfg: DemoConfig, out: Path, *, progress: bool = True, log: Callable
         from dualrerank.errors import ConfigError
 
         if to_dict(load_config(DemoConfig, saved)) != to_dict(cfg):
-            raise ConfigError(f"--out {out} holds a demo run with other settings ({saved}); use another --out, or the "
-                              "same settings (and --fast) as that run")
+            raise ConfigError(
+                f"--out {out} holds a demo run with other settings ({saved}); use another --out, or the "
+                "same settings (and --fast) as that run"
+            )
     dump_config(cfg, saved)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     results: dict[str, Any] = {}

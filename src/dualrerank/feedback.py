@@ -190,7 +190,9 @@ def realised_gain(
     as `occurred`."""
     cols = gain_columns(names)
     if not cols:
-        raise DataError(f"{field}: no {' or '.join(map(repr, GAIN_NAMES))} column (columns {list(names)}); realised gain needs one")
+        raise DataError(
+            f"{field}: no {' or '.join(map(repr, GAIN_NAMES))} column (columns {list(names)}); realised gain needs one"
+        )
     idx = [list(names).index(x) for x in cols]
     return occurred(values[..., idx], cols, valid, field=field, where=where).sum(-1)
 
@@ -215,7 +217,9 @@ def page_gain(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
     src = _source(batch)
     cols = gain_columns(src[2]) if src is not None else ()
     if batch.logged_page is not None and src is not None and not cols:
-        raise DataError(f"{src[0]}: no {' or '.join(map(repr, GAIN_NAMES))} column ({src[1]}={list(src[2])}); realised gain needs one")
+        raise DataError(
+            f"{src[0]}: no {' or '.join(map(repr, GAIN_NAMES))} column ({src[1]}={list(src[2])}); realised gain needs one"
+        )
     happened, pmask = page_events(batch, cols)
     gain = happened.sum(-1)
     return torch.where(pmask, gain, torch.zeros_like(gain)), pmask

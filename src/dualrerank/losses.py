@@ -162,7 +162,9 @@ def bpr_loss(
         raise ValueError(f"bpr_loss: num_pairs must be >= 1, got {num_pairs}")
     B, L, n = step_logits.shape
     finite = torch.isfinite(step_logits)
-    eligible = pair_mask.unsqueeze(1) & ~placed_before(target.clamp(0, n - 1), n, target_mask) & finite & target_mask.unsqueeze(-1)
+    eligible = (
+        pair_mask.unsqueeze(1) & ~placed_before(target.clamp(0, n - 1), n, target_mask) & finite & target_mask.unsqueeze(-1)
+    )
     lab = labels.unsqueeze(1).expand(B, L, n)
     lowest = torch.where(eligible, lab, torch.full_like(lab, math.inf)).amin(dim=-1, keepdim=True)
     pos_ok = eligible & (lab > lowest)  # [B, L, n]
@@ -463,7 +465,9 @@ def clipped_policy_loss(
         clipfrac = was_clipped.sum() / n_pos
         approx_kl = torch.where(count, (ratio - 1.0) - diff, torch.zeros_like(diff)).sum() / n_pos
         page_w = diff.sum(-1).exp()[vm]
-        ess = (page_w.sum() ** 2 / (page_w.pow(2).sum() * page_w.numel()).clamp_min(1e-12)) if page_w.numel() else torch.tensor(1.0)
+        ess = (
+            (page_w.sum() ** 2 / (page_w.pow(2).sum() * page_w.numel()).clamp_min(1e-12)) if page_w.numel() else torch.tensor(1.0)
+        )
         ratio_max = ratio[count].max() if bool(count.any()) else torch.tensor(1.0)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ess": ess, "ratio_max": ratio_max}
 

@@ -307,8 +307,18 @@ LOGGED_KEYS: dict[str, str] = {**FIGURES, **EPOCH_KEYS, **RUN_FIELDS, **SUMMARY_
 
 #: The student-vs-teacher agreement figures (`agreement_per_request`), in table order.
 AGREEMENT_FIGURES: tuple[str, ...] = (
-    "ptar", "ptar@4", "exact_page", "teacher_margin", "collapse_rate", "collision_share", "mean_row_js",
-    "mean_row_entropy", "certified_prefix", "certified_ptar", "certified_ptar@4", "certified_step_share",
+    "ptar",
+    "ptar@4",
+    "exact_page",
+    "teacher_margin",
+    "collapse_rate",
+    "collision_share",
+    "mean_row_js",
+    "mean_row_entropy",
+    "certified_prefix",
+    "certified_ptar",
+    "certified_ptar@4",
+    "certified_step_share",
 )
 
 
@@ -317,8 +327,8 @@ def describe_key(key: str) -> str | None:
     `<figure>_std`); None for a key nobody documented."""
     if key in LOGGED_KEYS:
         return LOGGED_KEYS[key]
-    if key.startswith("valid_") and key[len("valid_"):] in FIGURES:
-        return f"{FIGURES[key[len('valid_'):]]}; on the validation requests, every epoch"
+    if key.startswith("valid_") and key[len("valid_") :] in FIGURES:
+        return f"{FIGURES[key[len('valid_') :]]}; on the validation requests, every epoch"
     if key.endswith("_std") and key[: -len("_std")] in FIGURES:
         return f"standard deviation over seeds of: {FIGURES[key[: -len('_std')]]}"
     if key in ONLINE_KEYS:
@@ -1242,7 +1252,13 @@ def distillation_diagnostics(
         ``certified_ptar@k``, ``certified_step_share``.
     """
     figures = agreement_per_request(
-        student_page, teacher_page, page_mask, student_logits=student_logits, candidate_mask=candidate_mask,
-        teacher_probs=teacher_probs, k=k, margin=margin,
+        student_page,
+        teacher_page,
+        page_mask,
+        student_logits=student_logits,
+        candidate_mask=candidate_mask,
+        teacher_probs=teacher_probs,
+        k=k,
+        margin=margin,
     )
     return {name: batch_mean(values) for name, values in figures.items()}

@@ -166,10 +166,7 @@ def markdown_table(
     """
     if not columns:
         raise ValueError("markdown_table needs at least one column")
-    cells = [
-        [_format_cell(row.get(c), row.get(c + std_suffix), digits) for c in columns]
-        for row in rows
-    ]
+    cells = [[_format_cell(row.get(c), row.get(c + std_suffix), digits) for c in columns] for row in rows]
     numeric = []
     for c in columns:
         present = [_scalar(row.get(c)) for row in rows if row.get(c) is not None]
@@ -287,7 +284,9 @@ def plot_curves(
             if not xs:
                 continue
             uses_x |= any(_number(r.get(x)) is not None for r in records)
-            (line,) = ax.plot(xs, ys, color=f"C{i % 10}", marker="o" if len(xs) <= 40 else None, markersize=3, linewidth=1.5, label=name)
+            (line,) = ax.plot(
+                xs, ys, color=f"C{i % 10}", marker="o" if len(xs) <= 40 else None, markersize=3, linewidth=1.5, label=name
+            )
             handles.setdefault(name, line)
             if band is not None:
                 bx, bs = _curve_points(records, key + band, x)
@@ -301,7 +300,7 @@ def plot_curves(
         ax.set_xlabel(x if uses_x else "record")
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[len(present):]:
+    for ax in axes[len(present) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
@@ -343,8 +342,15 @@ def plot_bars(
     for p, m, s, e in zip(pos, means, stds, errs):
         text = _format_cell(m, s, 3)
         end = m + e if m >= 0 else m - e
-        ax.annotate(text, (end, p), xytext=(4 if m >= 0 else -4, 0), textcoords="offset points",
-                    ha="left" if m >= 0 else "right", va="center", fontsize=8)
+        ax.annotate(
+            text,
+            (end, p),
+            xytext=(4 if m >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if m >= 0 else "right",
+            va="center",
+            fontsize=8,
+        )
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.margins(x=0.25)
     ax.set_xlabel(metric + (" (mean ± std)" if has_std else ""))
@@ -569,8 +575,11 @@ def write_run_report(run_dir: Path, title: str) -> Path:
         if png is not None:
             md += ["## Curves", "", f"![curves]({png.name})", ""]
 
-        columns = [c for c in dict.fromkeys(k for r in records for k in r)
-                   if all(v is None or isinstance(_scalar(v), (str, numbers.Real)) for v in (r.get(c) for r in records))]
+        columns = [
+            c
+            for c in dict.fromkeys(k for r in records for k in r)
+            if all(v is None or isinstance(_scalar(v), (str, numbers.Real)) for v in (r.get(c) for r in records))
+        ]
         shown = records[-MAX_RUN_TABLE_ROWS:]
         md += [f"## Per {x}", ""]
         if len(shown) < len(records):
@@ -622,8 +631,15 @@ def write_online_report(
             for r in recs:
                 w.writerow([method, r["step"], r.get("normalized_utility"), r.get("normalized_utility_std")])
         _write_text(out_dir / f"curves_{_slug(stream)}.csv", buf.getvalue())
-        png = plot_curves(by_method, ["normalized_utility"], out_dir / f"curves_{_slug(stream)}.png", x="step",
-                          title=f"{title}: stream {stream}", marks=marks.get(stream, ()), band="_std")
+        png = plot_curves(
+            by_method,
+            ["normalized_utility"],
+            out_dir / f"curves_{_slug(stream)}.png",
+            x="step",
+            title=f"{title}: stream {stream}",
+            marks=marks.get(stream, ()),
+            band="_std",
+        )
         if png is not None:
             plots.append(png.name)
     clean.update({"title": title, "commands": list(commands), "notes": list(notes), "plots": plots, "non_finite": non_finite})
@@ -637,8 +653,12 @@ def write_online_report(
         md += [f"## Stream {stream}", ""]
         ref = summary.get("references", {}).get(stream)
         if ref:
-            md += ["Reference levels on the stream's first evaluation set: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in ref.items() if isinstance(v, (int, float))) + ".", ""]
+            md += [
+                "Reference levels on the stream's first evaluation set: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in ref.items() if isinstance(v, (int, float)))
+                + ".",
+                "",
+            ]
         rows = []
         for method, per in summary["methods"].items():
             if stream not in per:
@@ -660,12 +680,17 @@ def write_online_report(
 # --------------------------------------------------------------------------- demo
 
 DEMO_MODELS = (
-    ("upstream", "baselines", "upstream"), ("lambdamart", "baselines", "lambdamart"),
-    ("nar_no_kd", "baselines", "nar_no_kd"), ("teacher", "teacher", None), ("student_skd", "student", None),
+    ("upstream", "baselines", "upstream"),
+    ("lambdamart", "baselines", "lambdamart"),
+    ("nar_no_kd", "baselines", "nar_no_kd"),
+    ("teacher", "teacher", None),
+    ("student_skd", "student", None),
 )
 
 
-def write_demo_report(out_dir: Path, results: Mapping[str, Any], seconds: Mapping[str, float], *, config: Mapping[str, Any]) -> dict[str, Any]:
+def write_demo_report(
+    out_dir: Path, results: Mapping[str, Any], seconds: Mapping[str, float], *, config: Mapping[str, Any]
+) -> dict[str, Any]:
     """`summary.json`, `report.md` and plots of `dualrerank demo` (see `dualrerank.demo`):
     normalized utility by model, PTAR and collapse over distillation, the online curves with
     the shift marked, the A/B lifts and the teacher-vs-student latency."""
@@ -675,27 +700,53 @@ def write_demo_report(out_dir: Path, results: Mapping[str, Any], seconds: Mappin
         r = results.get(stage, {})
         r = r.get(key, {}) if key is not None else r
         if r:
-            rows.append({"model": name, **{k: r.get(k) for k in ("normalized_utility", "ptar", "collapse_rate",
-                                                                  "latency_ms_p50", "latency_ms_p99")}})
+            rows.append(
+                {
+                    "model": name,
+                    **{k: r.get(k) for k in ("normalized_utility", "ptar", "collapse_rate", "latency_ms_p50", "latency_ms_p99")},
+                }
+            )
     online = results.get("online", {})
     for method in ("ldro", "grpo"):
         if method in online:
-            rows.append({"model": f"{method}_student (online)", "normalized_utility": online[method].get("eval/normalized_utility"),
-                         "ptar": online[method].get("eval/ptar"), "collapse_rate": online[method].get("eval/collapse_rate")})
+            rows.append(
+                {
+                    "model": f"{method}_student (online)",
+                    "normalized_utility": online[method].get("eval/normalized_utility"),
+                    "ptar": online[method].get("eval/ptar"),
+                    "collapse_rate": online[method].get("eval/collapse_rate"),
+                }
+            )
     plots: list[str] = []
     png = plot_bars(rows, "normalized_utility", out_dir / "normalized_utility.png", title="normalized utility by model")
     if png is not None:
         plots.append(png.name)
-    student_curve = read_metrics(out_dir / "student" / "metrics.jsonl") if (out_dir / "student" / "metrics.jsonl").is_file() else []
-    png = plot_curves({"student_skd": student_curve}, ["valid_ptar", "valid_collapse_rate"], out_dir / "distillation.png",
-                      x="epoch", title="distillation: PTAR and collapse")
+    student_curve = (
+        read_metrics(out_dir / "student" / "metrics.jsonl") if (out_dir / "student" / "metrics.jsonl").is_file() else []
+    )
+    png = plot_curves(
+        {"student_skd": student_curve},
+        ["valid_ptar", "valid_collapse_rate"],
+        out_dir / "distillation.png",
+        x="epoch",
+        title="distillation: PTAR and collapse",
+    )
     if png is not None:
         plots.append(png.name)
-    curves = {m: [r for r in read_metrics(out_dir / "online" / m / "metrics.jsonl") if "eval/normalized_utility" in r]
-              for m in ("ldro", "grpo") if (out_dir / "online" / m / "metrics.jsonl").is_file()}
+    curves = {
+        m: [r for r in read_metrics(out_dir / "online" / m / "metrics.jsonl") if "eval/normalized_utility" in r]
+        for m in ("ldro", "grpo")
+        if (out_dir / "online" / m / "metrics.jsonl").is_file()
+    }
     shift = results.get("world", {}).get("shift_step")
-    png = plot_curves(curves, ["eval/normalized_utility", "eval/collapse_rate"], out_dir / "online.png", x="step",
-                      title="online: LDRO vs GRPO (dashed: preference shift)", marks=[shift] if shift else ())
+    png = plot_curves(
+        curves,
+        ["eval/normalized_utility", "eval/collapse_rate"],
+        out_dir / "online.png",
+        x="step",
+        title="online: LDRO vs GRPO (dashed: preference shift)",
+        marks=[shift] if shift else (),
+    )
     if png is not None:
         plots.append(png.name)
     ab = results.get("ab", {})
@@ -703,29 +754,53 @@ def write_demo_report(out_dir: Path, results: Mapping[str, Any], seconds: Mappin
         plots.append(f"ab/{name}")
     t, s = results.get("teacher", {}), results.get("student", {})
     latency = {
-        "teacher_ms_p50": t.get("latency_ms_p50"), "student_ms_p50": s.get("latency_ms_p50"),
-        "teacher_ms_p99": t.get("latency_ms_p99"), "student_ms_p99": s.get("latency_ms_p99"),
+        "teacher_ms_p50": t.get("latency_ms_p50"),
+        "student_ms_p50": s.get("latency_ms_p50"),
+        "teacher_ms_p99": t.get("latency_ms_p99"),
+        "student_ms_p99": s.get("latency_ms_p99"),
     }
     non_finite: list[str] = []
-    summary = _jsonable({
-        "title": "dualrerank demo", "config": dict(config), "stage_seconds": dict(seconds), "rows": rows,
-        "online": online, "ab": ab, "latency": latency, "serve": results.get("serve", {}), "plots": plots,
-    }, "demo", non_finite)
+    summary = _jsonable(
+        {
+            "title": "dualrerank demo",
+            "config": dict(config),
+            "stage_seconds": dict(seconds),
+            "rows": rows,
+            "online": online,
+            "ab": ab,
+            "latency": latency,
+            "serve": results.get("serve", {}),
+            "plots": plots,
+        },
+        "demo",
+        non_finite,
+    )
     summary["non_finite"] = non_finite
     _write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
-    md = ["# dualrerank demo", "",
-          "Simulated world -> logs -> AR teacher -> SKD student (beside score-and-sort baselines and the NAR student "
-          "without KD) -> LDRO vs GRPO online across a preference shift -> simulated A/B test -> ONNX export. "
-          "Figures are measured on this run's held-out requests; [paper] marks what Dual-Rerank reports.", "",
-          "## Offline: every model on the same test requests", "",
-          markdown_table(rows, ["model", "normalized_utility", "ptar", "collapse_rate", "latency_ms_p50", "latency_ms_p99"]), "",
-          "Online rows: the student after the online run, on the evaluation set of the last drift segment. Columns:", "",
-          *key_glossary(["normalized_utility", "ptar", "collapse_rate", "latency_ms_p50", "latency_ms_p99"]), ""]
+    md = [
+        "# dualrerank demo",
+        "",
+        "Simulated world -> logs -> AR teacher -> SKD student (beside score-and-sort baselines and the NAR student "
+        "without KD) -> LDRO vs GRPO online across a preference shift -> simulated A/B test -> ONNX export. "
+        "Figures are measured on this run's held-out requests; [paper] marks what Dual-Rerank reports.",
+        "",
+        "## Offline: every model on the same test requests",
+        "",
+        markdown_table(rows, ["model", "normalized_utility", "ptar", "collapse_rate", "latency_ms_p50", "latency_ms_p99"]),
+        "",
+        "Online rows: the student after the online run, on the evaluation set of the last drift segment. Columns:",
+        "",
+        *key_glossary(["normalized_utility", "ptar", "collapse_rate", "latency_ms_p50", "latency_ms_p99"]),
+        "",
+    ]
     if latency["teacher_ms_p50"] and latency["student_ms_p50"]:
-        md += [f"Latency at batch size 1 (PyTorch, this machine): teacher {latency['teacher_ms_p50']:.2f} ms p50, student "
-               f"{latency['student_ms_p50']:.2f} ms p50 ({latency['student_ms_p50'] / latency['teacher_ms_p50']:.2f}x). "
-               "[paper] reports 21.5 ms -> 12.1 ms against its AR baseline (a third-party extraction; see method.md).", ""]
+        md += [
+            f"Latency at batch size 1 (PyTorch, this machine): teacher {latency['teacher_ms_p50']:.2f} ms p50, student "
+            f"{latency['student_ms_p50']:.2f} ms p50 ({latency['student_ms_p50'] / latency['teacher_ms_p50']:.2f}x). "
+            "[paper] reports 21.5 ms -> 12.1 ms against its AR baseline (a third-party extraction; see method.md).",
+            "",
+        ]
     if ab.get("table_md"):
         md += ["## Simulated A/B test", "", ab["table_md"], "", f"Full report: [ab/report.md](ab/report.md).", ""]
     elif ab:
@@ -746,8 +821,15 @@ def write_demo_report(out_dir: Path, results: Mapping[str, Any], seconds: Mappin
 #: reformulation, then what the simulator adds, then latency); `dualrerank.train.abtest`
 #: computes them.
 AB_ROWS = (
-    "ctr", "ctr_per_page", "long_view_rate", "reformulation_rate", "watch_time_per_request", "normalized_utility",
-    "utility", "latency_ms_p50", "latency_ms_p99",
+    "ctr",
+    "ctr_per_page",
+    "long_view_rate",
+    "reformulation_rate",
+    "watch_time_per_request",
+    "normalized_utility",
+    "utility",
+    "latency_ms_p50",
+    "latency_ms_p99",
 )
 #: Rows drawn in lifts.png (latency has no interval, see docs/evaluation.md).
 AB_PLOT_ROWS = ("ctr", "long_view_rate", "reformulation_rate", "watch_time_per_request", "normalized_utility", "latency_ms_p50")
@@ -828,7 +910,7 @@ def plot_lifts(summary: Mapping[str, Any], out_png: Path, metrics: Sequence[str]
         ax.set_title(metric)
         ax.set_xlabel(f"lift vs {control} (%)")
         ax.grid(True, axis="x", alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"Lift against {control}, {summary.get('confidence', 0.95):.0%} intervals ({summary.get('design')} design)")
     return _save_png(fig, Path(out_png))
@@ -840,22 +922,38 @@ def _third_party_lines(third: Mapping[str, Any]) -> list[str]:
     def pct(d: Mapping[str, Any], key: str) -> str:
         return f"{d[key]:+.3f}%" if _number(d.get(key)) is not None else MISSING
 
-    latency_one = (f"{one['latency_ms_baseline']} ms -> {one['latency_ms']} ms ({one['latency_lift_pct']:+.1f}%)"
-                   if one.get("latency_ms_baseline") else MISSING)
+    latency_one = (
+        f"{one['latency_ms_baseline']} ms -> {one['latency_ms']} ms ({one['latency_lift_pct']:+.1f}%)"
+        if one.get("latency_ms_baseline")
+        else MISSING
+    )
     rows = [
         {"metric": "ctr", "extraction 1": pct(one, "ctr_lift_pct"), "extraction 2": pct(two, "ctr_lift_pct")},
-        {"metric": "long_view_rate", "extraction 1": pct(one, "long_view_lift_pct"), "extraction 2": pct(two, "long_view_lift_pct")},
-        {"metric": "reformulation_rate", "extraction 1": pct(one, "reformulation_lift_pct"),
-         "extraction 2": pct(two, "reformulation_lift_pct")},
-        {"metric": "latency", "extraction 1": latency_one,
-         "extraction 2": f"{two['latency_ms']} ms" if two.get("latency_ms") else MISSING},
+        {
+            "metric": "long_view_rate",
+            "extraction 1": pct(one, "long_view_lift_pct"),
+            "extraction 2": pct(two, "long_view_lift_pct"),
+        },
+        {
+            "metric": "reformulation_rate",
+            "extraction 1": pct(one, "reformulation_lift_pct"),
+            "extraction 2": pct(two, "reformulation_lift_pct"),
+        },
+        {
+            "metric": "latency",
+            "extraction 1": latency_one,
+            "extraction 2": f"{two['latency_ms']} ms" if two.get("latency_ms") else MISSING,
+        },
     ]
     return [
-        "## What the paper reports (third-party, not measured here)", "",
+        "## What the paper reports (third-party, not measured here)",
+        "",
         f"{third.get('source', '')}. Extraction 1: {one.get('from', '?')}; extraction 2: {two.get('from', '?')}. "
         "They agree on CTR and on Dual-Rerank's 12.1 ms and disagree on the rest; neither is verified, and neither "
-        "is a figure of this project. Watch time and normalized utility are not reported.", "",
-        markdown_table(rows, ["metric", "extraction 1", "extraction 2"]), "",
+        "is a figure of this project. Watch time and normalized utility are not reported.",
+        "",
+        markdown_table(rows, ["metric", "extraction 1", "extraction 2"]),
+        "",
     ]
 
 
@@ -886,15 +984,23 @@ def write_ab_report(out_dir: Path, summary: Mapping[str, Any], *, notes: Sequenc
         f"{clean['traffic_seed']}, {clean['requests_per_step']} requests per stream step, {clean['steps']} steps, "
         f"{clean['drift_events']} drift event(s) in force during the test; pages of {clean['page_length']} items",
         f"- control: {control}; intervals: {clean['confidence']:.0%}, {clean['interval_method']} method",
-        "- arms: " + "; ".join(f"{a} = {arms[a]['arm_path']} ({arms[a]['model']}, {arms[a]['requests']:,} requests, served "
-                               f"for latency by {arms[a]['serving_path']})" for a in arms),
+        "- arms: "
+        + "; ".join(
+            f"{a} = {arms[a]['arm_path']} ({arms[a]['model']}, {arms[a]['requests']:,} requests, served "
+            f"for latency by {arms[a]['serving_path']})"
+            for a in arms
+        ),
         "",
-        "## Results", "",
-        ab_results_table(clean), "",
+        "## Results",
+        "",
+        ab_results_table(clean),
+        "",
         "Lift = arm / control - 1, with its interval; * the interval excludes 0; Δ: the difference arm - control, "
         "where the control's value is not positive. Latency is timed at batch size 1 "
-        "on each arm's serving path on this machine, without an interval. Rows:", "",
-        *key_glossary(AB_ROWS), "",
+        "on each arm's serving path on this machine, without an interval. Rows:",
+        "",
+        *key_glossary(AB_ROWS),
+        "",
     ]
     parity = [f"{a} {arms[a]['serving_parity']:.0%}" for a in arms if _number(arms[a].get("serving_parity")) is not None]
     if parity:
@@ -945,17 +1051,31 @@ def write_ope_report(
     if clean.get("commands"):
         md += ["Produced by:", "", "```bash", *clean["commands"], "```", ""]
     weights = ", ".join(f"{v:g} x {k}" for k, v in clean.get("reward_weights", {}).items())
-    md += [f"Policy `{clean.get('policy')}` ({clean.get('policy_model')}); evaluator: "
-           f"{'`' + str(clean['evaluator']) + '`' if clean.get('evaluator') else 'none'}. Logs: {data.get('source')}, "
-           f"{data.get('requests', 0):,} requests, pages of {data.get('page_length')}.", "",
-           f"Estimand: the policy's mean page reward on these requests, reward = {weights} events summed over the "
-           f"page. The logged pages' realised mean reward (the logging policy's value): "
-           f"{_format_number(clean.get('logged_reward') or 0.0, 4)}."
-           + (f" True value (exact, from the simulated world's user model): {_format_number(truth, 4)}." if truth is not None
-              else ""), "",
-           f"Intervals: {level:.0%}, {interval_method}.", "",
-           markdown_table(rows, ["estimator", *columns]), "",
-           "Columns:", "", *key_glossary(f"estimators.<name>.{c}" for c in columns), "", "## Estimators", ""]
+    md += [
+        f"Policy `{clean.get('policy')}` ({clean.get('policy_model')}); evaluator: "
+        f"{'`' + str(clean['evaluator']) + '`' if clean.get('evaluator') else 'none'}. Logs: {data.get('source')}, "
+        f"{data.get('requests', 0):,} requests, pages of {data.get('page_length')}.",
+        "",
+        f"Estimand: the policy's mean page reward on these requests, reward = {weights} events summed over the "
+        f"page. The logged pages' realised mean reward (the logging policy's value): "
+        f"{_format_number(clean.get('logged_reward') or 0.0, 4)}."
+        + (
+            f" True value (exact, from the simulated world's user model): {_format_number(truth, 4)}."
+            if truth is not None
+            else ""
+        ),
+        "",
+        f"Intervals: {level:.0%}, {interval_method}.",
+        "",
+        markdown_table(rows, ["estimator", *columns]),
+        "",
+        "Columns:",
+        "",
+        *key_glossary(f"estimators.<name>.{c}" for c in columns),
+        "",
+        "## Estimators",
+        "",
+    ]
     for name, fig in clean["estimators"].items():
         what, assumes = estimators.get(name, (name, ""))
         line = f"- `{name}`: {what}; assumes: {assumes}."

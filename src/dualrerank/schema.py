@@ -138,8 +138,11 @@ class RerankBatch:
         n_used = int(self.candidate_mask.any(dim=0).nonzero().max()) + 1 if bool(self.candidate_mask.any()) else 1
         if n_used == self.num_candidates:
             return self
-        out = {k: getattr(self, k)[:, :n_used] for k in ("candidates", "candidate_mask", "labels", "item_ids", "upstream_score")
-               if getattr(self, k) is not None}
+        out = {
+            k: getattr(self, k)[:, :n_used]
+            for k in ("candidates", "candidate_mask", "labels", "item_ids", "upstream_score")
+            if getattr(self, k) is not None
+        }
         return replace(self, **out)
 
     def split(self, batch_size: int) -> list["RerankBatch"]:
@@ -204,13 +207,13 @@ class RerankBatch:
 
         if self.labels is not None:
             if self.labels.dim() != 3 or tuple(self.labels.shape[:2]) != (B, n):
-                raise DataError(
-                    f"labels: shape {tuple(self.labels.shape)} does not match candidates [B, n, m] with B={B}, n={n}"
-                )
+                raise DataError(f"labels: shape {tuple(self.labels.shape)} does not match candidates [B, n, m] with B={B}, n={n}")
             if self.label_names and len(self.label_names) != self.labels.shape[2]:
                 raise DataError(f"labels: {self.labels.shape[2]} columns but {len(self.label_names)} label_names")
             bad_lab = ~torch.isfinite(self.labels).all(dim=2) & valid
-            self._raise_first(bad_lab.any(dim=1), "labels", lambda b: f"NaN/inf label for candidate {int(bad_lab[b].nonzero()[0])}")
+            self._raise_first(
+                bad_lab.any(dim=1), "labels", lambda b: f"NaN/inf label for candidate {int(bad_lab[b].nonzero()[0])}"
+            )
 
         if self.upstream_score is not None:
             if tuple(self.upstream_score.shape) != (B, n):
@@ -248,7 +251,9 @@ class RerankBatch:
         if self.logged_feedback is not None:
             fb = self.logged_feedback
             if fb.dim() != 3 or tuple(fb.shape[:2]) != tuple(page.shape):
-                raise DataError(f"logged_feedback: shape {tuple(fb.shape)} does not match logged_page [B, L, f] = {tuple(page.shape)}")
+                raise DataError(
+                    f"logged_feedback: shape {tuple(fb.shape)} does not match logged_page [B, L, f] = {tuple(page.shape)}"
+                )
             bad_fb = ~torch.isfinite(fb).all(dim=2) & pmask
             self._raise_first(bad_fb.any(dim=1), "logged_feedback", lambda b: "NaN/inf feedback")
 

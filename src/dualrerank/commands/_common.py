@@ -16,8 +16,13 @@ T = TypeVar("T")
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type | None = None, seed: int | None = 0) -> None:
     """Add --config and --seed (the run's seed; `seed=None` for a command without one);
     with `config_cls`, list its keys in the parser's epilog."""
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
-                        help="YAML file mapped onto the command's config (unknown keys are an error)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE.yaml",
+        help="YAML file mapped onto the command's config (unknown keys are an error)",
+    )
     if seed is not None:
         parser.add_argument("--seed", type=int, default=None, help=f"the run's random seed (default: config's, else {seed})")
     if config_cls is not None:
@@ -35,15 +40,20 @@ def load_from_args(config_cls: type[T], args: argparse.Namespace, overrides: dic
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """--out, --resume, --overwrite and --quiet of a command that writes a run directory."""
-    parser.add_argument("--out", type=Path, required=True, help="run directory (refused if it holds a run, "
-                        "unless --resume or --overwrite)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from the phase and epoch where it stopped")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run directory (refused if it holds a run, unless --resume or --overwrite)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from the phase and epoch where it stopped"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    parser.add_argument("--report-to", default="none", choices=("none", "tensorboard"),
-                        help="also log every metric to TensorBoard event files in OUT/tensorboard "
-                        "(needs: pip install 'dualrerank[tensorboard]')")
+    parser.add_argument(
+        "--report-to",
+        default="none",
+        choices=("none", "tensorboard"),
+        help="also log every metric to TensorBoard event files in OUT/tensorboard (needs: pip install 'dualrerank[tensorboard]')",
+    )
 
 
 def load_run_config(config_cls: type[T], args: argparse.Namespace, overrides: dict[str, Any]) -> T:

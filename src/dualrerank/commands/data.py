@@ -23,48 +23,69 @@ from dualrerank.errors import ConfigError
 def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.data import SOURCES, DataConfig
 
-    parser = subparsers.add_parser("data", help="inspect and convert data sources (LETOR/MSLR SVMlight, MIND, "
-                                   "Parquet request logs, synthetic)",
-                                   description="Work with data sources.")
+    parser = subparsers.add_parser(
+        "data",
+        help="inspect and convert data sources (LETOR/MSLR SVMlight, MIND, Parquet request logs, synthetic)",
+        description="Work with data sources.",
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     parser.set_defaults(func=lambda args: _usage(parser))
 
     p = actions.add_parser(
-        "inspect", help="print lists, documents, items per list, label distribution, feature width",
+        "inspect",
+        help="print lists, documents, items per list, label distribution, feature width",
         description="Load a data source into a RerankBatch and print its statistics.",
     )
-    p.add_argument("--source", choices=sorted(SOURCES), default=None,
-                   help="data source (default: the config's, else synthetic)")
-    p.add_argument("--path", default=None,
-                   help="file or folder: an SVMlight file or a folder of S*.txt / *.txt (letor), a folder "
-                        "with behaviors.tsv and news.tsv (mind), a world YAML or a `simulate --out` folder "
-                        "(synthetic), a .parquet request log or a folder of them (parquet); required for "
-                        "letor, mind and parquet")
-    p.add_argument("--num-requests", type=int, default=None,
-                   help="synthetic: requests to generate (default 1000), or the first N of a `simulate --out` folder "
-                        "(default all of them)")
-    p.add_argument("--fold", type=int, default=None,
-                   help="letor only: report train/vali/test of this fold (1-5) instead of the whole set")
+    p.add_argument("--source", choices=sorted(SOURCES), default=None, help="data source (default: the config's, else synthetic)")
+    p.add_argument(
+        "--path",
+        default=None,
+        help="file or folder: an SVMlight file or a folder of S*.txt / *.txt (letor), a folder "
+        "with behaviors.tsv and news.tsv (mind), a world YAML or a `simulate --out` folder "
+        "(synthetic), a .parquet request log or a folder of them (parquet); required for "
+        "letor, mind and parquet",
+    )
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help="synthetic: requests to generate (default 1000), or the first N of a `simulate --out` folder (default all of them)",
+    )
+    p.add_argument(
+        "--fold", type=int, default=None, help="letor only: report train/vali/test of this fold (1-5) instead of the whole set"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_config_args(p, DataConfig)
     p.set_defaults(func=_inspect)
 
     c = actions.add_parser(
-        "convert", help="write a data source as a Parquet request log (one row per request)",
+        "convert",
+        help="write a data source as a Parquet request log (one row per request)",
         description="Load a data source into a RerankBatch and write it as a columnar request log "
         "(docs/data.md, 'Columnar request logs'), readable with --source parquet.",
     )
-    c.add_argument("--source", choices=sorted(SOURCES), default=None,
-                   help="data source to read (default: the config's, else synthetic)")
-    c.add_argument("--path", default=None, help="file or folder to read, as for `data inspect`; required for "
-                   "letor, mind and parquet")
-    c.add_argument("--out", type=Path, required=True, metavar="FILE.parquet",
-                   help="Parquet file to write (replaced atomically if it exists)")
-    c.add_argument("--num-requests", type=int, default=None,
-                   help="synthetic: requests to generate (default 1000), or the first N of a `simulate --out` folder; "
-                        "parquet: the first N requests")
-    c.add_argument("--row-group-size", type=int, default=None,
-                   help="requests per row group, the unit read at once and shuffled (default 4096)")
+    c.add_argument(
+        "--source", choices=sorted(SOURCES), default=None, help="data source to read (default: the config's, else synthetic)"
+    )
+    c.add_argument(
+        "--path", default=None, help="file or folder to read, as for `data inspect`; required for letor, mind and parquet"
+    )
+    c.add_argument(
+        "--out", type=Path, required=True, metavar="FILE.parquet", help="Parquet file to write (replaced atomically if it exists)"
+    )
+    c.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help="synthetic: requests to generate (default 1000), or the first N of a `simulate --out` folder; "
+        "parquet: the first N requests",
+    )
+    c.add_argument(
+        "--row-group-size",
+        type=int,
+        default=None,
+        help="requests per row group, the unit read at once and shuffled (default 4096)",
+    )
     c.add_argument("--json", action="store_true", help="print what was written as JSON")
     add_config_args(c, DataConfig)
     c.set_defaults(func=_convert)
@@ -89,8 +110,12 @@ def _inspect(args: argparse.Namespace) -> int:
     def load() -> dict[str, Any]:
         if args.fold is not None:
             splits = load_letor_folds(cfg.path, args.fold, cfg.letor)
-            return {"source": cfg.source, "path": cfg.path, "fold": args.fold,
-                    "splits": {k: dataset_stats(v) for k, v in splits.items()}}
+            return {
+                "source": cfg.source,
+                "path": cfg.path,
+                "fold": args.fold,
+                "splits": {k: dataset_stats(v) for k, v in splits.items()},
+            }
         return {"source": cfg.source, "path": cfg.path, **dataset_stats(load_from_config(cfg))}
 
     out, notes = _with_notes(load)
@@ -100,8 +125,10 @@ def _inspect(args: argparse.Namespace) -> int:
         print_json(out)
     elif args.fold is not None:
         header = {"source": out["source"], "path": out["path"]}
-        blocks = [format_stats({**header, **s} if k == "train" else s, title=f"[fold {args.fold}: {k}]")
-                  for k, s in out["splits"].items()]
+        blocks = [
+            format_stats({**header, **s} if k == "train" else s, title=f"[fold {args.fold}: {k}]")
+            for k, s in out["splits"].items()
+        ]
         print("\n\n".join(blocks + [f"note: {n}" for n in notes]))
     else:
         print(format_stats(out))
@@ -139,14 +166,24 @@ def _convert(args: argparse.Namespace) -> int:
     batch, notes = _with_notes(lambda: load_from_config(cfg))
     save_parquet(batch, args.out, row_group_size=rows)
     written = ParquetRequests(args.out)  # read back the footer: what a reader of the file will see
-    out = {"source": cfg.source, "path": cfg.path, "out": str(args.out), "requests": written.num_requests,
-           "row_groups": len(written.row_groups), "bytes": args.out.stat().st_size,
-           "label_names": list(written.label_names), "feedback_names": list(written.feedback_names), "notes": notes}
+    out = {
+        "source": cfg.source,
+        "path": cfg.path,
+        "out": str(args.out),
+        "requests": written.num_requests,
+        "row_groups": len(written.row_groups),
+        "bytes": args.out.stat().st_size,
+        "label_names": list(written.label_names),
+        "feedback_names": list(written.feedback_names),
+        "notes": notes,
+    }
     if args.json:
         print_json(out)
     else:
-        print(f"{args.out}: {out['requests']:,} requests in {out['row_groups']} row group(s), {out['bytes']:,} bytes "
-              f"(from {cfg.source}{' ' + str(cfg.path) if cfg.path else ''})")
+        print(
+            f"{args.out}: {out['requests']:,} requests in {out['row_groups']} row group(s), {out['bytes']:,} bytes "
+            f"(from {cfg.source}{' ' + str(cfg.path) if cfg.path else ''})"
+        )
         for n in notes:
             print(f"note: {n}")
     return 0

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.demo import DemoConfig
 
     p = subparsers.add_parser(
-        "demo", help="the whole pipeline end to end on the simulated world, with a report",
+        "demo",
+        help="the whole pipeline end to end on the simulated world, with a report",
         description="Simulated world -> logs -> AR teacher -> SKD student (with baselines) -> LDRO vs GRPO online "
         "across a preference shift -> simulated A/B test -> ONNX export -> report.md, summary.json and plots in --out. "
         "Interrupted and re-run with the same --out, it reuses the finished stages.",

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.train.supervised import TrainConfig
 
     p = subparsers.add_parser(
-        "evaluate", help="normalized utility, NDCG@4/@10 and latency of a checkpoint",
+        "evaluate",
+        help="normalized utility, NDCG@4/@10 and latency of a checkpoint",
         description="Evaluate a checkpoint on a held-out split of the data its run was trained on. The data "
         "settings come from the run's config.yaml (beside the checkpoint or its run directory); --config's "
         "'data' section, --data and --path replace them when given.",
@@ -41,9 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, choices=SPLIT_SOURCES, help="data source (default: the run's)")
     p.add_argument("--path", default=None, help="data path (default: the run's)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="which held-out split")
-    p.add_argument("--data-seed", type=int, default=None,
-                   help="evaluate on another draw of the data (synthetic: another world and requests; letor: other "
-                   "simulated feedback; mind: no effect); default: the run's data seed")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="evaluate on another draw of the data (synthetic: another world and requests; letor: other "
+        "simulated feedback; mind: no effect); default: the run's data seed",
+    )
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_args(p, TrainConfig, seed=None)
@@ -59,8 +64,10 @@ def _run(args: argparse.Namespace) -> int:
     from dualrerank.train.supervised import TrainConfig
 
     if args.seed is not None:
-        raise ConfigError("evaluate has no run seed (--seed is a run's seed in train and distill); "
-                          "--data-seed S evaluates on another draw of the data")
+        raise ConfigError(
+            "evaluate has no run seed (--seed is a run's seed in train and distill); "
+            "--data-seed S evaluates on another draw of the data"
+        )
     model = load_checkpoint(resolve_checkpoint(args.checkpoint))  # a bad checkpoint fails before anything else
     overrides: dict[str, Any] = {}
     found = run_data_section(args.checkpoint)
@@ -68,8 +75,11 @@ def _run(args: argparse.Namespace) -> int:
         if found is not None:
             overrides["data"] = found[0]
         else:
-            note("evaluate", f"no run config beside {args.checkpoint}: using the default data settings "
-                 "(give --config with the run's 'data' section to evaluate on its held-out requests)")
+            note(
+                "evaluate",
+                f"no run config beside {args.checkpoint}: using the default data settings "
+                "(give --config with the run's 'data' section to evaluate on its held-out requests)",
+            )
     overrides.update({"data.source": args.data, "data.path": args.path, "data.seed": args.data_seed})
     cfg = load_config(TrainConfig, args.config, overrides).data
     if args.data_seed is not None:
@@ -77,8 +87,15 @@ def _run(args: argparse.Namespace) -> int:
     splits = load_splits(cfg)
     split = splits.valid if args.split == "valid" else splits.test
     figures = evaluate(model.rerank, split, splits.page_length)
-    result = {"checkpoint": str(args.checkpoint), "source": cfg.source, "split": args.split, "data_seed": cfg.seed,
-              "requests": split.batch.batch_size, "page_length": splits.page_length, **figures}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "source": cfg.source,
+        "split": args.split,
+        "data_seed": cfg.seed,
+        "requests": split.batch.batch_size,
+        "page_length": splits.page_length,
+        **figures,
+    }
     if args.json:
         print_json(result)
     else:

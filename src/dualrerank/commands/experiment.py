@@ -20,21 +20,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.train.experiment import ROWS, ExperimentConfig
 
     p = subparsers.add_parser(
-        "experiment", help="run a whole experiment (offline: every model over several seeds)",
+        "experiment",
+        help="run a whole experiment (offline: every model over several seeds)",
         description="Experiments that train and compare many models.",
     )
     sub = p.add_subparsers(dest="experiment", metavar="KIND")
     off = sub.add_parser(
-        "offline", help="train/reuse every model on one data source and write summary.json, report.md, plots",
+        "offline",
+        help="train/reuse every model on one data source and write summary.json, report.md, plots",
         description="Trains (or with --reuse reads back) each row over the seeds into OUT/runs/<row>/seed<k>/, "
         "evaluates on the test split, and writes OUT/summary.json (mean and <key>_std per row), OUT/report.md "
         f"and PNG plots. Rows: {', '.join(ROWS)}.",
     )
     off.add_argument("--out", type=Path, required=True, help="experiment directory")
-    off.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="training seeds (default: the config's, else 0 1 2); --seed K is --seeds K")
-    off.add_argument("--models", nargs="+", default=None, metavar="ROW",
-                     help=f"rows to run (default: the config's, else all): {' '.join(ROWS)}")
+    off.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training seeds (default: the config's, else 0 1 2); --seed K is --seeds K",
+    )
+    off.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help=f"rows to run (default: the config's, else all): {' '.join(ROWS)}",
+    )
     off.add_argument("--reuse", action="store_true", help="do not retrain a run directory that already holds eval.json")
     off.add_argument("--json", action="store_true", help="print summary.json to stdout")
     off.add_argument("--quiet", action="store_true", help="no progress bars (the per-run lines are still printed)")
@@ -44,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.train.online_experiment import OnlineExperimentConfig
 
     on = sub.add_parser(
-        "online", help="every online method on the same streams over several seeds: summary.json, report.md, curves",
+        "online",
+        help="every online method on the same streams over several seeds: summary.json, report.md, curves",
         description="Runs each (method, stream, seed) with 'dualrerank online' from the same distillation run into "
         "OUT/runs/<stream>/<method>/seed<k>/ and writes OUT/summary.json (final level, area under the curve, steps to "
         "90%, recovery steps after each shift, mean and std over seeds), OUT/report.md, curves CSV and one PNG per stream.",
@@ -81,10 +94,13 @@ def _online(args: argparse.Namespace) -> int:
 
     seeds = args.seeds if args.seeds is not None else ([args.seed] if args.seed is not None else None)
     cfg = load_config(OnlineExperimentConfig, args.config, {"seeds": seeds, "methods": args.methods})
-    command = shlex.join(["dualrerank", "experiment", "online", "--from", str(args.from_dir)]
-                         + (["--config", str(args.config)] if args.config else []) + ["--out", str(args.out)]
-                         + (["--seeds", *map(str, seeds)] if seeds else [])
-                         + (["--methods", *args.methods] if args.methods else []))
+    command = shlex.join(
+        ["dualrerank", "experiment", "online", "--from", str(args.from_dir)]
+        + (["--config", str(args.config)] if args.config else [])
+        + ["--out", str(args.out)]
+        + (["--seeds", *map(str, seeds)] if seeds else [])
+        + (["--methods", *args.methods] if args.methods else [])
+    )
     summary = run_online_experiment(cfg, args.out, args.from_dir, reuse=args.reuse, progress=not args.quiet, command=command)
     if args.json:
         print_json(summary)

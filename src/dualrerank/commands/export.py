@@ -1,6 +1,6 @@
 """`dualrerank export`: the NAR student of a checkpoint to ONNX, checked against PyTorch.
 
-    dualrerank export --checkpoint runs/demo/checkpoint --out runs/demo/checkpoint/student.onnx
+dualrerank export --checkpoint runs/demo/checkpoint --out runs/demo/checkpoint/student.onnx
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dualrerank.serve.config import ExportConfig
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "export", help="export the NAR student to ONNX (dynamic batch, candidates and page length)",
+        "export",
+        help="export the NAR student to ONNX (dynamic batch, candidates and page length)",
         description="Export the student's encoder + NAR decoder (the [B, L, n] logit matrix) to ONNX, "
-                    "then check ONNX Runtime against PyTorch on random padded batches.",
+        "then check ONNX Runtime against PyTorch on random padded batches.",
     )
     p.add_argument("--checkpoint", default=None, help="student checkpoint directory")
     p.add_argument("--out", default=None, help="ONNX file to write (e.g. CHECKPOINT/student.onnx, which `serve` picks up)")
@@ -42,9 +43,13 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--out is required")
     student = load_student(cfg.checkpoint)
     path = export_student(student, cfg.out, cfg.opset)
-    report = {"out": str(path), "opset": cfg.opset, "bytes": path.stat().st_size,
-              "inputs": ["candidates [B,n,d] float32", "context [B,c] float32", "candidate_mask [B,n] bool", "positions [L] int64"],
-              "outputs": ["logits [B,L,n] float32 (-inf at padding)"]}
+    report = {
+        "out": str(path),
+        "opset": cfg.opset,
+        "bytes": path.stat().st_size,
+        "inputs": ["candidates [B,n,d] float32", "context [B,c] float32", "candidate_mask [B,n] bool", "positions [L] int64"],
+        "outputs": ["logits [B,L,n] float32 (-inf at padding)"],
+    }
     ok = True
     if cfg.check:
         parity = check_parity(student, OnnxBackend(path).session, seed=cfg.seed)

@@ -21,22 +21,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from dualrerank.train.ope import OpeConfig
 
     p = subparsers.add_parser(
-        "ope", help="off-policy estimates (IPS, SNIPS, PI, DM, DR, cascade DR) of a reranker's page reward from logs",
+        "ope",
+        help="off-policy estimates (IPS, SNIPS, PI, DM, DR, cascade DR) of a reranker's page reward from logs",
         description="Estimate a trained reranker's mean page reward (weighted click and long-view events) from logs "
         "that carry the logging policy's propensities, with confidence intervals; on the simulated world the exact "
         "true value is reported beside them. Writes config.yaml, summary.json and report.md into --out. Logs without "
         "propensities (LETOR, MIND) are refused with one line (exit status 2).",
     )
     p.add_argument("--policy", type=Path, required=True, help="the reranker: a run directory or its checkpoint/")
-    p.add_argument("--data", default=None, choices=SPLIT_SOURCES,
-                   help="source of the logs (default: the policy run's)")
-    p.add_argument("--path", default=None, help="data path: world YAML or 'simulate --out' folder (synthetic), "
-                   "data folder (letor, mind); default: the policy run's")
-    p.add_argument("--evaluator", type=Path, default=None,
-                   help="ListEvaluator checkpoint for dm and the DR estimators (default: the policy run's evaluator/)")
+    p.add_argument("--data", default=None, choices=SPLIT_SOURCES, help="source of the logs (default: the policy run's)")
+    p.add_argument(
+        "--path",
+        default=None,
+        help="data path: world YAML or 'simulate --out' folder (synthetic), data folder (letor, mind); default: the policy run's",
+    )
+    p.add_argument(
+        "--evaluator",
+        type=Path,
+        default=None,
+        help="ListEvaluator checkpoint for dm and the DR estimators (default: the policy run's evaluator/)",
+    )
     p.add_argument("--requests", type=int, default=None, help="override data.num_requests")
-    p.add_argument("--out", type=Path, required=True, help="output directory (refused if it holds an evaluation, "
-                   "unless --overwrite)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output directory (refused if it holds an evaluation, unless --overwrite)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the evaluation in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print summary.json")
@@ -47,18 +55,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from dualrerank.train.ope import OpeConfig, run_ope
 
-    cfg = load_from_args(OpeConfig, args, {"data.source": args.data, "data.path": args.path,
-                                           "data.num_requests": args.requests})
+    cfg = load_from_args(OpeConfig, args, {"data.source": args.data, "data.path": args.path, "data.num_requests": args.requests})
     found = run_data_section(args.policy) if args.policy.exists() else None
-    summary = run_ope(cfg, args.policy, args.out, evaluator=args.evaluator, run_data=found[0] if found else None,
-                      overwrite=args.overwrite, progress=not args.quiet,
-                      command=shlex.join(["dualrerank", *sys.argv[1:]]) if sys.argv[1:2] == ["ope"] else None)
+    summary = run_ope(
+        cfg,
+        args.policy,
+        args.out,
+        evaluator=args.evaluator,
+        run_data=found[0] if found else None,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        command=shlex.join(["dualrerank", *sys.argv[1:]]) if sys.argv[1:2] == ["ope"] else None,
+    )
     if args.json:
         print_json(summary)
         return 0
     truth = summary.get("truth")
-    print(f"{args.out}: {summary['data']['requests']:,} logged requests, logged reward {summary['logged_reward']:.4f}"
-          + (f", true value {truth:.4f}" if truth is not None else ""))
+    print(
+        f"{args.out}: {summary['data']['requests']:,} logged requests, logged reward {summary['logged_reward']:.4f}"
+        + (f", true value {truth:.4f}" if truth is not None else "")
+    )
     for name, fig in summary["estimators"].items():
         if fig.get("estimate") is None:
             print(f"  {name:>13}: not run ({fig['reason']})")

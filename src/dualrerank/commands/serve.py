@@ -22,12 +22,15 @@ from dualrerank.serve.config import ServeConfig
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve the student over HTTP: POST /v1/rerank, GET /healthz, GET /metrics",
+        "serve",
+        help="serve the student over HTTP: POST /v1/rerank, GET /healthz, GET /metrics",
         description="Serve a checkpoint's NAR student (and optional evaluator) over HTTP. See docs/serving.md.",
     )
     p.add_argument("--checkpoint", default=None, help="serving checkpoint directory (student; optional evaluator/, student.onnx)")
     p.add_argument("--backend", choices=("onnx", "torch"), default=None, help="inference backend (default: onnx)")
-    p.add_argument("--onnx", dest="onnx_path", default=None, help="ONNX file (default: CHECKPOINT/student.onnx, else exported in memory)")
+    p.add_argument(
+        "--onnx", dest="onnx_path", default=None, help="ONNX file (default: CHECKPOINT/student.onnx, else exported in memory)"
+    )
     p.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000; 0: a free port, printed once serving)")
     p.add_argument("--max-candidates", type=int, default=None, help="largest candidate list per request (default 1000)")
@@ -38,7 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("checkpoint", "backend", "onnx_path", "host", "port", "max_candidates", "threads", "workers")}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("checkpoint", "backend", "onnx_path", "host", "port", "max_candidates", "threads", "workers")
+    }
     cfg = load_from_args(ServeConfig, args, overrides)
     if not cfg.checkpoint:
         raise ConfigError("--checkpoint is required")
@@ -58,11 +64,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # Process-wide setting, made once here (the library never touches it).
         torch.set_num_threads(cfg.threads)
-        model = load_serving_model(cfg.checkpoint, cfg.backend, cfg.onnx_path or None, cfg.threads,
-                                   cfg.temperature, cfg.include_greedy, cfg.warmup)
+        model = load_serving_model(
+            cfg.checkpoint, cfg.backend, cfg.onnx_path or None, cfg.threads, cfg.temperature, cfg.include_greedy, cfg.warmup
+        )
         app = create_app(model, cfg)
-        print(f"dualrerank serve: {model.model_version} ({model.backend.name}"
-              f"{', evaluator' if model.evaluator is not None else ''})", file=sys.stderr, flush=True)
+        print(
+            f"dualrerank serve: {model.model_version} ({model.backend.name}"
+            f"{', evaluator' if model.evaluator is not None else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
         _run_server(app, sock, cfg)
     finally:
         sock.close()

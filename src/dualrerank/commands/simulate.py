@@ -34,9 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     add_config_args(p, WorldConfig)
-    p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, metavar="N", help=f"number of requests (default {DEFAULT_REQUESTS})")
+    p.add_argument(
+        "--requests", type=int, default=DEFAULT_REQUESTS, metavar="N", help=f"number of requests (default {DEFAULT_REQUESTS})"
+    )
     p.add_argument("--page-length", type=int, default=None, metavar="L", help="page length (default: config's page_length, 10)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="folder for the logs and summary.json (default: write nothing)")
+    p.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="folder for the logs and summary.json (default: write nothing)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=run)
 

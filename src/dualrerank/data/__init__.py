@@ -109,8 +109,11 @@ class DataConfig:
     """Which data to load and how (the `data:` part of a YAML config)."""
 
     source: str = option("synthetic", "data source", choices=tuple(SOURCES))
-    path: str | None = option(None, "file or folder to read (required for letor, mind and parquet; synthetic: a "
-                                    "world YAML or a `simulate --out` folder, default the default world)")
+    path: str | None = option(
+        None,
+        "file or folder to read (required for letor, mind and parquet; synthetic: a "
+        "world YAML or a `simulate --out` folder, default the default world)",
+    )
     seed: int = option(0, "seed for the synthetic source")
     num_requests: int | None = option(
         None,

@@ -50,8 +50,7 @@ from dualrerank.errors import ConfigError, DataError
 from dualrerank.files import atomic_write
 from dualrerank.schema import RerankBatch
 
-__all__ = ["FEEDBACK_PREFIX", "LABEL_PREFIX", "REQUIRED_COLUMNS", "ParquetRequests", "RowGroup", "load_parquet",
-           "save_parquet"]
+__all__ = ["FEEDBACK_PREFIX", "LABEL_PREFIX", "REQUIRED_COLUMNS", "ParquetRequests", "RowGroup", "load_parquet", "save_parquet"]
 
 REQUIRED_COLUMNS = ("request_id", "context", "candidates")
 LABEL_PREFIX = "label_"
@@ -91,8 +90,12 @@ class _Layout:
 
     @property
     def columns(self) -> list[str]:
-        return [*REQUIRED_COLUMNS, *self.optional, *(LABEL_PREFIX + n for n in self.label_names),
-                *(FEEDBACK_PREFIX + n for n in self.feedback_names)]
+        return [
+            *REQUIRED_COLUMNS,
+            *self.optional,
+            *(LABEL_PREFIX + n for n in self.label_names),
+            *(FEEDBACK_PREFIX + n for n in self.feedback_names),
+        ]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -119,8 +122,10 @@ class ParquetRequests:
             self._metadata[f] = meta
             here = _layout_of(f, meta.schema.to_arrow_schema())
             if layout is not None and here != layout:
-                raise DataError(f"{f}: columns {here.columns} differ from {self.files[0]}'s {layout.columns}; "
-                                "every file of a log needs the same columns")
+                raise DataError(
+                    f"{f}: columns {here.columns} differ from {self.files[0]}'s {layout.columns}; "
+                    "every file of a log needs the same columns"
+                )
             layout = here
             groups += [RowGroup(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         assert layout is not None  # _parquet_files never returns an empty list
@@ -143,8 +148,7 @@ class ParquetRequests:
     def load(self, num_requests: int | None = None) -> RerankBatch:
         """The first `num_requests` requests (None: all) as one validated `RerankBatch`, in
         file and row order. For logs that fit in memory; `batches` for the others."""
-        if num_requests is not None and (isinstance(num_requests, bool) or not isinstance(num_requests, int)
-                                         or num_requests < 1):
+        if num_requests is not None and (isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1):
             raise ConfigError(f"num_requests: must be a positive integer, got {num_requests!r}")
         total = self.num_requests
         if total == 0:
@@ -243,8 +247,12 @@ def _warn_repeated_ids(ids: tuple[str, ...], path: Path) -> None:
     if repeated.size:
         from dualrerank.data import DataWarning
 
-        warnings.warn(f"{path}: {repeated.size:,} request ids occur more than once (e.g. {str(values[repeated[0]])!r}, "
-                      f"{counts[repeated[0]]} times); splits keep each id's rows together", DataWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: {repeated.size:,} request ids occur more than once (e.g. {str(values[repeated[0]])!r}, "
+            f"{counts[repeated[0]]} times); splits keep each id's rows together",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def _parquet_files(path: Path) -> list[Path]:
@@ -252,11 +260,16 @@ def _parquet_files(path: Path) -> list[Path]:
         return [path]
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()
-                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    )
     if not files:
-        raise DataError(f"{path}: a folder with no .parquet files (a request log is one .parquet file or a folder "
-                        "of them, e.g. written by `dualrerank data convert`)")
+        raise DataError(
+            f"{path}: a folder with no .parquet files (a request log is one .parquet file or a folder "
+            "of them, e.g. written by `dualrerank data convert`)"
+        )
     return files
 
 
@@ -265,14 +278,17 @@ def _layout_of(f: Path, schema: pa.Schema) -> _Layout:
     names = schema.names
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise DataError(f"{f}: missing column {missing[0]!r} (a request log needs {list(REQUIRED_COLUMNS)}; "
-                        f"the file has {names})")
-    labels = tuple(n[len(LABEL_PREFIX):] for n in names if n.startswith(LABEL_PREFIX))
-    feedback = tuple(n[len(FEEDBACK_PREFIX):] for n in names if n.startswith(FEEDBACK_PREFIX))
+        raise DataError(
+            f"{f}: missing column {missing[0]!r} (a request log needs {list(REQUIRED_COLUMNS)}; the file has {names})"
+        )
+    labels = tuple(n[len(LABEL_PREFIX) :] for n in names if n.startswith(LABEL_PREFIX))
+    feedback = tuple(n[len(FEEDBACK_PREFIX) :] for n in names if n.startswith(FEEDBACK_PREFIX))
     optional = tuple(c for c in (*_OPTIONAL_LISTS, "propensity") if c in names)
     if feedback and "logged_page" not in optional:
-        raise DataError(f"{f}: feedback column {FEEDBACK_PREFIX + feedback[0]!r} without a 'logged_page' column "
-                        "(feedback is per logged position)")
+        raise DataError(
+            f"{f}: feedback column {FEEDBACK_PREFIX + feedback[0]!r} without a 'logged_page' column "
+            "(feedback is per logged position)"
+        )
     for name in names:
         kind = _LIST_KINDS.get(name, "float" if name.startswith((LABEL_PREFIX, FEEDBACK_PREFIX)) else None)
         t = schema.field(name).type
@@ -381,8 +397,7 @@ def _to_batch(rb: pa.RecordBatch, layout: _Layout, where: str, widths: dict[str,
         bad = np.flatnonzero(lengths != width)
         if bad.size:
             i = int(bad[0])
-            raise ch.fail(row_of(i), column, f"{what} {lengths[i]} where earlier requests have {width} "
-                                             "(wrong width)")
+            raise ch.fail(row_of(i), column, f"{what} {lengths[i]} where earlier requests have {width} (wrong width)")
         return width
 
     ctx_len, ctx_flat = ch.lists("context")
@@ -397,8 +412,11 @@ def _to_batch(rb: pa.RecordBatch, layout: _Layout, where: str, widths: dict[str,
     cand_values = _feature_values(ch, cand_rows.flatten(), cand_n, d)
     n = int(cand_n.max()) if B else 0
     X, mask = _pad(cand_values.reshape(feat_len.size, d), cand_n, n)
-    out: dict = {"candidates": torch.from_numpy(X), "candidate_mask": torch.from_numpy(mask),
-                 "context": torch.from_numpy(context.copy())}  # Arrow buffers are read-only
+    out: dict = {
+        "candidates": torch.from_numpy(X),
+        "candidate_mask": torch.from_numpy(mask),
+        "context": torch.from_numpy(context.copy()),
+    }  # Arrow buffers are read-only
 
     def per_candidate(column: str, dtype: pa.DataType) -> np.ndarray:
         lengths, flat = ch.lists(column)
@@ -410,8 +428,9 @@ def _to_batch(rb: pa.RecordBatch, layout: _Layout, where: str, widths: dict[str,
     if "upstream_score" in layout.optional:
         out["upstream_score"] = torch.from_numpy(per_candidate("upstream_score", pa.float32()))
     if layout.label_names:
-        out["labels"] = torch.from_numpy(np.stack([per_candidate(LABEL_PREFIX + m, pa.float32())
-                                                   for m in layout.label_names], axis=2))
+        out["labels"] = torch.from_numpy(
+            np.stack([per_candidate(LABEL_PREFIX + m, pa.float32()) for m in layout.label_names], axis=2)
+        )
     if "logged_page" in layout.optional:
         page_len, page_flat = ch.lists("logged_page")
         L = int(page_len.max()) if B else 0
@@ -429,8 +448,7 @@ def _to_batch(rb: pa.RecordBatch, layout: _Layout, where: str, widths: dict[str,
         if prop.null_count:
             raise ch.fail(_first_true(prop.is_null()), "propensity", "null")
         out["propensity"] = torch.from_numpy(pc.cast(prop, pa.float32()).to_numpy(zero_copy_only=False).copy())
-    batch = RerankBatch(**out, request_ids=tuple(ch.ids), label_names=layout.label_names,
-                        feedback_names=layout.feedback_names)
+    batch = RerankBatch(**out, request_ids=tuple(ch.ids), label_names=layout.label_names, feedback_names=layout.feedback_names)
     try:
         return batch.validate()
     except DataError as exc:
@@ -466,8 +484,16 @@ def _concat(parts: list[RerankBatch]) -> RerankBatch:
         return out
 
     widths: dict[str, int | None] = {
-        "candidates": n, "candidate_mask": n, "labels": n, "item_ids": n, "upstream_score": n,
-        "logged_page": L, "logged_page_mask": L, "logged_feedback": L, "context": None, "propensity": None,
+        "candidates": n,
+        "candidate_mask": n,
+        "labels": n,
+        "item_ids": n,
+        "upstream_score": n,
+        "logged_page": L,
+        "logged_page_mask": L,
+        "logged_feedback": L,
+        "context": None,
+        "propensity": None,
     }
     tensors: dict[str, Any] = {k: cat(k, w) for k, w in widths.items()}
     return replace(first, **tensors, request_ids=tuple(i for p in parts for i in p.request_ids or ()))
@@ -492,16 +518,18 @@ def save_parquet(batch: RerankBatch, path: str | Path, row_group_size: int = DEF
         with pq.ParquetWriter(tmp, schema) as writer:
             for s in range(0, batch.batch_size, row_group_size):
                 part = batch.select(slice(s, s + row_group_size))
-                writer.write_table(_to_table(part, ids[s : s + row_group_size], schema, large),
-                                   row_group_size=row_group_size)
+                writer.write_table(_to_table(part, ids[s : s + row_group_size], schema, large), row_group_size=row_group_size)
 
     return atomic_write(path, write)
 
 
 def _schema(batch: RerankBatch, large: bool) -> pa.Schema:
     lst = pa.large_list if large else pa.list_
-    fields = [pa.field("request_id", pa.string(), nullable=False), pa.field("context", pa.list_(pa.float32())),
-              pa.field("candidates", lst(lst(pa.float32())))]
+    fields = [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("context", pa.list_(pa.float32())),
+        pa.field("candidates", lst(lst(pa.float32()))),
+    ]
     if batch.item_ids is not None:
         fields.append(pa.field("item_ids", lst(pa.int64())))
     if batch.upstream_score is not None:
@@ -511,11 +539,12 @@ def _schema(batch: RerankBatch, large: bool) -> pa.Schema:
     if batch.propensity is not None:
         fields.append(pa.field("propensity", pa.float32()))
     if batch.labels is not None:
-        fields += [pa.field(LABEL_PREFIX + m, lst(pa.float32()))
-                   for m in _names(batch.label_names, batch.labels, "label")]
+        fields += [pa.field(LABEL_PREFIX + m, lst(pa.float32())) for m in _names(batch.label_names, batch.labels, "label")]
     if batch.logged_feedback is not None:
-        fields += [pa.field(FEEDBACK_PREFIX + m, pa.list_(pa.float32()))
-                   for m in _names(batch.feedback_names, batch.logged_feedback, "feedback")]
+        fields += [
+            pa.field(FEEDBACK_PREFIX + m, pa.list_(pa.float32()))
+            for m in _names(batch.feedback_names, batch.logged_feedback, "feedback")
+        ]
     return pa.schema(fields)
 
 
@@ -558,8 +587,7 @@ def _to_table(batch: RerankBatch, ids: tuple[str, ...], schema: pa.Schema, large
         for j, name in enumerate(_names(batch.label_names, batch.labels, "label")):
             cols[LABEL_PREFIX + name] = _list(n_b, np.ascontiguousarray(Y[:, j]), large)
     if batch.logged_page is not None:
-        pmask = (batch.logged_page_mask.numpy() if batch.logged_page_mask is not None
-                 else np.ones(batch.logged_page.shape, bool))
+        pmask = batch.logged_page_mask.numpy() if batch.logged_page_mask is not None else np.ones(batch.logged_page.shape, bool)
         # New index of each kept candidate (equal to the old one under a prefix mask).
         renumber = np.cumsum(mask, axis=1) - 1
         page = np.take_along_axis(renumber, batch.logged_page.numpy().astype(np.int64).clip(0, mask.shape[1] - 1), 1)

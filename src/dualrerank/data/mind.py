@@ -61,8 +61,11 @@ class MindOptions:
     category_buckets: int = option(32, "hashed one-hot width of the news category")
     subcategory_buckets: int = option(32, "hashed one-hot width of the news subcategory")
     ctr_prior: float = option(20.0, "pseudo-impressions of the smoothed CTR (it shrinks towards the file's mean CTR)")
-    upstream: str = option("ctr", "upstream_score: leave-one-out smoothed 'ctr', or log1p 'clicks' or 'impressions'",
-                           choices=("ctr", "clicks", "impressions"))
+    upstream: str = option(
+        "ctr",
+        "upstream_score: leave-one-out smoothed 'ctr', or log1p 'clicks' or 'impressions'",
+        choices=("ctr", "clicks", "impressions"),
+    )
     max_candidates: int | None = option(None, "keep only the first K impressed items of each impression; None keeps all")
 
     def __post_init__(self) -> None:
@@ -80,10 +83,20 @@ class MindOptions:
 def mind_feature_names(options: MindOptions | None = None) -> list[str]:
     """Names of the candidate feature columns, in order."""
     o = options or MindOptions()
-    return ([f"category_hash_{i}" for i in range(o.category_buckets)]
-            + [f"subcategory_hash_{i}" for i in range(o.subcategory_buckets)]
-            + ["known", "log1p_impressions_loo", "log1p_clicks_loo", "ctr_loo", "log1p_history_users",
-               "in_history", "history_same_category", "history_same_subcategory"])
+    return (
+        [f"category_hash_{i}" for i in range(o.category_buckets)]
+        + [f"subcategory_hash_{i}" for i in range(o.subcategory_buckets)]
+        + [
+            "known",
+            "log1p_impressions_loo",
+            "log1p_clicks_loo",
+            "ctr_loo",
+            "log1p_history_users",
+            "in_history",
+            "history_same_category",
+            "history_same_subcategory",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------- files
@@ -134,8 +147,9 @@ def _parse_behaviors(path: Path) -> _Behaviors:
         where = f"{path}:{lineno}"
         f = raw.split("\t")
         if len(f) != 5:
-            raise DataError(f"{where}: expected 5 tab-separated fields (impression id, user id, time, history, "
-                            f"impressions), got {len(f)}")
+            raise DataError(
+                f"{where}: expected 5 tab-separated fields (impression id, user id, time, history, impressions), got {len(f)}"
+            )
         imp_id, user, time_s, hist, imp = (x.strip() for x in f)
         if not imp_id or not user:
             raise DataError(f"{where}: empty {'impression' if not imp_id else 'user'} id")
@@ -149,8 +163,11 @@ def _parse_behaviors(path: Path) -> _Behaviors:
             raise DataError(f"{where}: no impressed items")
         if not _IMPRESSIONS.fullmatch(imp):
             tok = _bad_token(imp, re.compile(r"N\d+-[01]"))
-            why = ("has no -1/-0 click label (unlabelled MIND test files cannot be loaded)"
-                   if _NEWS_ID.fullmatch(tok) else "is not <news id>-<0|1>")
+            why = (
+                "has no -1/-0 click label (unlabelled MIND test files cannot be loaded)"
+                if _NEWS_ID.fullmatch(tok)
+                else "is not <news id>-<0|1>"
+            )
             raise DataError(f"{where}: impressed item {tok!r} {why}")
         lines.append(lineno)
         imp_ids.append(imp_id)
@@ -176,12 +193,20 @@ def _parse_behaviors(path: Path) -> _Behaviors:
     dup = (row_imp[key][1:] == row_imp[key][:-1]) & (row_item[key][1:] == row_item[key][:-1])
     if dup.any():
         r = int(key[1:][dup][0])
-        raise DataError(f"{path}:{lines[row_imp[r]]}: item N{row_item[r]} is impressed twice in impression {imp_ids[row_imp[r]]!r}")
+        raise DataError(
+            f"{path}:{lines[row_imp[r]]}: item N{row_item[r]} is impressed twice in impression {imp_ids[row_imp[r]]!r}"
+        )
     _, user_codes = np.unique(np.asarray(users), return_inverse=True)
     return _Behaviors(
-        lines=np.asarray(lines), impression_ids=imp_ids, users=user_codes, hours=np.asarray(hours),
-        hist_imp=np.repeat(np.arange(B), h_counts), hist_item=hist_item,
-        row_imp=row_imp, row_pos=np.arange(len(row_imp)) - starts[row_imp], row_item=row_item,
+        lines=np.asarray(lines),
+        impression_ids=imp_ids,
+        users=user_codes,
+        hours=np.asarray(hours),
+        hist_imp=np.repeat(np.arange(B), h_counts),
+        hist_item=hist_item,
+        row_imp=row_imp,
+        row_pos=np.arange(len(row_imp)) - starts[row_imp],
+        row_item=row_item,
         row_click=pairs[:, 1].astype(np.float64),
     )
 
@@ -237,8 +262,7 @@ def load_mind(path: str | Path, options: MindOptions | None = None) -> RerankBat
     o = options or MindOptions()
     behaviors_path, news_path = _files(Path(path))
     bh = _parse_behaviors(behaviors_path)
-    news_ids, cats, subs = (_parse_news(news_path) if news_path is not None
-                            else (np.zeros(0, np.int64), [], []))
+    news_ids, cats, subs = _parse_news(news_path) if news_path is not None else (np.zeros(0, np.int64), [], [])
     B = len(bh.lines)
     R = len(bh.row_item)
 
@@ -260,7 +284,9 @@ def load_mind(path: str | Path, options: MindOptions | None = None) -> RerankBat
     clicks_other = np.bincount(inv, weights=click, minlength=len(uniq))[inv] - click
     mean_ctr = click.sum() / max(R, 1)
     ctr = (clicks_other + o.ctr_prior * mean_ctr) / (imps_other + o.ctr_prior)
-    user_item = np.unique(np.stack([bh.users[bh.hist_imp], bh.hist_item], 1), axis=0) if len(bh.hist_item) else np.zeros((0, 2), np.int64)
+    user_item = (
+        np.unique(np.stack([bh.users[bh.hist_imp], bh.hist_item], 1), axis=0) if len(bh.hist_item) else np.zeros((0, 2), np.int64)
+    )
     h_items, h_users = np.unique(user_item[:, 1], return_counts=True)
     hist_users = _lookup(h_items, h_users.astype(np.float64), bh.row_item)
 
@@ -284,10 +310,19 @@ def load_mind(path: str | Path, options: MindOptions | None = None) -> RerankBat
     if len(kr):
         feats[kr, cat_bucket[cat_code[item_news[kr]]]] = 1.0
         feats[kr, Wc + sub_bucket[sub_code[item_news[kr]]]] = 1.0
-    feats[:, Wc + Ws:] = np.stack([
-        known.astype(np.float64), np.log1p(imps_other), np.log1p(clicks_other), ctr, np.log1p(hist_users),
-        in_hist, same_share(cat_code, len(cat_vocab)), same_share(sub_code, len(sub_vocab)),
-    ], 1)
+    feats[:, Wc + Ws :] = np.stack(
+        [
+            known.astype(np.float64),
+            np.log1p(imps_other),
+            np.log1p(clicks_other),
+            ctr,
+            np.log1p(hist_users),
+            in_hist,
+            same_share(cat_code, len(cat_vocab)),
+            same_share(sub_code, len(sub_vocab)),
+        ],
+        1,
+    )
     upstream = {"ctr": ctr, "clicks": np.log1p(clicks_other), "impressions": np.log1p(imps_other)}[o.upstream]
 
     keep = np.ones(R, bool) if o.max_candidates is None else bh.row_pos < o.max_candidates
@@ -307,15 +342,19 @@ def load_mind(path: str | Path, options: MindOptions | None = None) -> RerankBat
     page = np.broadcast_to(np.arange(n), (B, n)).copy()
 
     angle = 2 * np.pi * bh.hours / 24
-    context = np.stack([np.log1p(hist_len), n_known_hist / np.maximum(hist_len, 1.0), np.log1p(counts),
-                        np.sin(angle), np.cos(angle)], 1).astype(np.float32)
+    context = np.stack(
+        [np.log1p(hist_len), n_known_hist / np.maximum(hist_len, 1.0), np.log1p(counts), np.sin(angle), np.cos(angle)], 1
+    ).astype(np.float32)
 
     coverage = float(known.mean())
     if coverage < 0.9:
         src = f"{news_path}" if news_path is not None else "no news.tsv"
-        warnings.warn(f"{src}: covers {int(np.unique(bh.row_item[known]).size)} of {uniq.size} impressed items "
-                      f"({coverage:.1%} of impressed rows); the others have no category features (known = 0)",
-                      DataWarning, stacklevel=2)
+        warnings.warn(
+            f"{src}: covers {int(np.unique(bh.row_item[known]).size)} of {uniq.size} impressed items "
+            f"({coverage:.1%} of impressed rows); the others have no category features (known = 0)",
+            DataWarning,
+            stacklevel=2,
+        )
     batch = RerankBatch(
         candidates=torch.from_numpy(cand),
         candidate_mask=torch.from_numpy(mask),

@@ -61,7 +61,9 @@ def dataset_stats(batch: RerankBatch, max_distinct: int = 20) -> dict[str, Any]:
         names = batch.label_names or tuple(f"label_{j}" for j in range(m))
         stats["label_distribution"] = {names[j]: value_counts(batch.labels[..., j][valid], max_distinct) for j in range(m)}
     if batch.logged_page is not None:
-        pmask = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(batch.logged_page, dtype=torch.bool)
+        pmask = (
+            batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(batch.logged_page, dtype=torch.bool)
+        )
         pages: dict[str, Any] = {"num_pages": batch.batch_size, "positions_per_page": _spread(pmask.sum(dim=1))}
         if batch.logged_feedback is not None:
             f = batch.logged_feedback.shape[2]
@@ -99,7 +101,12 @@ def format_stats(stats: dict[str, Any], title: str = "") -> str:
     pages = stats.get("logged_pages")
     if pages:
         ppp = pages["positions_per_page"]
-        rows.append(("logged pages", f"{pages['num_pages']:,} (positions min {ppp['min']}, median {_num(ppp['median'])}, max {ppp['max']})"))
+        rows.append(
+            (
+                "logged pages",
+                f"{pages['num_pages']:,} (positions min {ppp['min']}, median {_num(ppp['median'])}, max {ppp['max']})",
+            )
+        )
         for name, dist in pages.get("feedback", {}).items():
             rows.append((f"feedback {name}", _dist(dist)))
     width = max(len(k) for k, _ in rows)

@@ -88,25 +88,41 @@ class SvmlightOptions:
     )
     num_features: int | None = option(None, "dense feature width d (default: the largest feature id)")
     zero_based: bool = option(False, "feature ids start at 0 (column = fid) instead of 1 (column = fid - 1)")
-    standardize: str = option("query", "'query': z-score each feature within its query; 'none': raw values",
-                              choices=("query", "none"))
-    item_ids: str = option("auto", "'docid': hash of the '# docid = X' comment; 'position': index in the "
-                           "query's block; 'auto': docid when every line has one", choices=("auto", "docid", "position"))
-    max_candidates: int | None = option(None, "keep at most this many documents per query, the top ones by "
-                                        "upstream score (a first-stage cut); None keeps all")
-    max_features: int = option(4096, "largest dense feature width read from the files (features are stored densely, "
-                               "lines x width x 4 bytes); a larger feature id is an error naming its line. "
-                               "num_features, when set, is the bound instead")
-    allow_short_lines: bool = option(False, "accept lines listing fewer features than the file's other lines (absent "
-                                     "= 0); by default, in a file where at least 90% of lines list the same, largest "
-                                     "number of features, a shorter line is an error (a line cut short)")
+    standardize: str = option(
+        "query", "'query': z-score each feature within its query; 'none': raw values", choices=("query", "none")
+    )
+    item_ids: str = option(
+        "auto",
+        "'docid': hash of the '# docid = X' comment; 'position': index in the "
+        "query's block; 'auto': docid when every line has one",
+        choices=("auto", "docid", "position"),
+    )
+    max_candidates: int | None = option(
+        None, "keep at most this many documents per query, the top ones by upstream score (a first-stage cut); None keeps all"
+    )
+    max_features: int = option(
+        4096,
+        "largest dense feature width read from the files (features are stored densely, "
+        "lines x width x 4 bytes); a larger feature id is an error naming its line. "
+        "num_features, when set, is the bound instead",
+    )
+    allow_short_lines: bool = option(
+        False,
+        "accept lines listing fewer features than the file's other lines (absent "
+        "= 0); by default, in a file where at least 90% of lines list the same, largest "
+        "number of features, a shorter line is an error (a line cut short)",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.upstream_feature, str):
             if self.upstream_feature not in ("auto", "file_order"):
-                raise ConfigError(f"letor.upstream_feature: {self.upstream_feature!r} is not a feature id, 'auto' or 'file_order'")
+                raise ConfigError(
+                    f"letor.upstream_feature: {self.upstream_feature!r} is not a feature id, 'auto' or 'file_order'"
+                )
         elif isinstance(self.upstream_feature, bool) or not isinstance(self.upstream_feature, int) or self.upstream_feature < 0:
-            raise ConfigError(f"letor.upstream_feature: expected a feature id >= 0, 'auto' or 'file_order', got {self.upstream_feature!r}")
+            raise ConfigError(
+                f"letor.upstream_feature: expected a feature id >= 0, 'auto' or 'file_order', got {self.upstream_feature!r}"
+            )
         if self.num_features is not None and self.num_features < 1:
             raise ConfigError(f"letor.num_features: must be >= 1, got {self.num_features}")
         if self.standardize not in ("query", "none"):
@@ -188,8 +204,10 @@ def _diagnose(path: Path, lineno: int, body: str, options: SvmlightOptions, n_li
         except ValueError:
             return DataError(f"{where}: bad feature id in {tok!r}, expected an integer")
         if fid < (0 if zero_based else 1):
-            return DataError(f"{where}: feature id {fid} < {0 if zero_based else 1} in {tok!r}"
-                             + ("" if zero_based else " (set zero_based for 0-based files)"))
+            return DataError(
+                f"{where}: feature id {fid} < {0 if zero_based else 1} in {tok!r}"
+                + ("" if zero_based else " (set zero_based for 0-based files)")
+            )
         if fid - (0 if zero_based else 1) >= options.width_bound()[0]:
             return _too_wide(where, fid, options, n_lines)
         try:
@@ -303,8 +321,10 @@ def svmlight_files(path: str | Path) -> list[Path]:
     if parts:
         return sorted(parts, key=lambda p: int(p.stem[1:]))
     files = [
-        p for p in sorted(path.iterdir())
-        if p.is_file() and p.suffix in (".txt", ".svm", ".svmlight", ".libsvm", ".gz")
+        p
+        for p in sorted(path.iterdir())
+        if p.is_file()
+        and p.suffix in (".txt", ".svm", ".svmlight", ".libsvm", ".gz")
         and not re.search(r"readme|licen[cs]e", p.name, re.IGNORECASE)
     ]
     if not files:
@@ -333,7 +353,10 @@ def _upstream_column(options: SvmlightOptions, d: int) -> int | None:
         if d not in UPSTREAM_PRESETS:
             warnings.warn(
                 f"no known upstream (BM25) feature for width {d}: upstream_score is the file order; "
-                "set letor.upstream_feature to a feature id to use one", DataWarning, stacklevel=3)
+                "set letor.upstream_feature to a feature id to use one",
+                DataWarning,
+                stacklevel=3,
+            )
             return None
         return UPSTREAM_PRESETS[d][0] - shift
     col = int(fid) - shift
@@ -362,8 +385,9 @@ def _assemble(parsed: Sequence[_FileRows], options: SvmlightOptions, d: int) -> 
     dup = np.flatnonzero(key[order][1:] == key[order][:-1])
     if len(dup):
         r = int(rows[order][dup[0]])
-        raise DataError(f"{parsed[file_of[r]].path}:{int(lines[r])}: feature id {int(cols[order][dup[0]] + shift)} "
-                        "appears twice on the line")
+        raise DataError(
+            f"{parsed[file_of[r]].path}:{int(lines[r])}: feature id {int(cols[order][dup[0]] + shift)} appears twice on the line"
+        )
     X = np.zeros((N, d), np.float32)
     X[rows, cols] = vals
 
@@ -443,13 +467,20 @@ def _query_blocks(parsed, qids, file_of, lines, labels, X, docids) -> tuple[np.n
         s0, e0 = starts[seen[q]], ends[seen[q]]
         f0, f1 = parsed[file_of[s0]].path, parsed[file_of[s]].path
         if file_of[s0] == file_of[s]:
-            raise DataError(f"{f1}:{int(lines[s])}: qid {q!r} appears again after its block at lines "
-                            f"{int(lines[s0])}-{int(lines[e0 - 1])}; the lines of a query must be consecutive")
-        same = (e0 - s0 == ends[j] - s and np.array_equal(labels[s0:e0], labels[s:ends[j]])
-                and np.array_equal(X[s0:e0], X[s:ends[j]]) and docids[s0:e0] == docids[s:ends[j]])
+            raise DataError(
+                f"{f1}:{int(lines[s])}: qid {q!r} appears again after its block at lines "
+                f"{int(lines[s0])}-{int(lines[e0 - 1])}; the lines of a query must be consecutive"
+            )
+        same = (
+            e0 - s0 == ends[j] - s
+            and np.array_equal(labels[s0:e0], labels[s : ends[j]])
+            and np.array_equal(X[s0:e0], X[s : ends[j]])
+            and docids[s0:e0] == docids[s : ends[j]]
+        )
         if not same:
-            raise DataError(f"{f1}:{int(lines[s])}: qid {q!r} was already read from {f0} line {int(lines[s0])} "
-                            "with different documents")
+            raise DataError(
+                f"{f1}:{int(lines[s])}: qid {q!r} was already read from {f0} line {int(lines[s0])} with different documents"
+            )
         keep_block[j] = False
     return starts, ends, keep_block
 
@@ -460,7 +491,7 @@ def _standardize(cand: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> np.n
     cnt = counts.astype(np.float64)[:, None]
     mean = cand.sum(1, dtype=np.float64) / cnt
     centred = np.where(m, cand - mean[:, None, :], 0.0)
-    std = np.sqrt((centred ** 2).sum(1) / cnt)
+    std = np.sqrt((centred**2).sum(1) / cnt)
     # a feature that is constant within the query carries no ranking signal there
     scale = np.where(std > 1e-12, std, 1.0)
     return (centred / scale[:, None, :]).astype(np.float32)
@@ -480,9 +511,11 @@ def _item_ids(options, docids, idx, pos, b, parsed, file_of, lines) -> np.ndarra
             # Some lines name their document and some do not: a line cut before its comment
             # would otherwise turn every id of the set into a position.
             r = missing[0]
-            raise DataError(f"{parsed[file_of[r]].path}:{int(lines[r])}: no '# docid = ...' comment while "
-                            f"{len(docids) - len(missing):,} of the {len(docids):,} lines have one (a line cut short?); "
-                            "set letor.item_ids: position to number documents by position")
+            raise DataError(
+                f"{parsed[file_of[r]].path}:{int(lines[r])}: no '# docid = ...' comment while "
+                f"{len(docids) - len(missing):,} of the {len(docids):,} lines have one (a line cut short?); "
+                "set letor.item_ids: position to number documents by position"
+            )
         mode = "position" if missing else "docid"
     if mode == "position":
         return pos[idx]
@@ -496,8 +529,10 @@ def _item_ids(options, docids, idx, pos, b, parsed, file_of, lines) -> np.ndarra
     if same.any():
         k = int(key_order[1:][same][0])
         r = int(idx[k])
-        raise DataError(f"{parsed[file_of[r]].path}:{int(lines[r])}: docid {kept_docids[k]!r} appears twice in its "
-                        "query (set letor.item_ids='position' to number documents instead)")
+        raise DataError(
+            f"{parsed[file_of[r]].path}:{int(lines[r])}: docid {kept_docids[k]!r} appears twice in its "
+            "query (set letor.item_ids='position' to number documents instead)"
+        )
     return ids
 
 
@@ -511,7 +546,9 @@ def _note_possible_truncation(parsed, qids, starts, ends, file_of) -> None:
             warnings.warn(
                 f"{f.path}: has exactly {n_lines} document lines, so it may be an excerpt; its last query "
                 f"(qid {qids[starts[last]]}, {int(ends[last] - starts[last])} documents) is kept but may be cut short",
-                DataWarning, stacklevel=4)
+                DataWarning,
+                stacklevel=4,
+            )
 
 
 # ---------------------------------------------------------------------------- public

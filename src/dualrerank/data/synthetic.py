@@ -61,11 +61,23 @@ __all__ = [
 
 LOG_FORMAT = "dualrerank-synthetic-logs/1"
 DEFAULT_REQUESTS = 1000  # requests the synthetic source generates when not told how many
-EXPECTED = ("the synthetic source takes a world YAML (keys: `dualrerank simulate --help`, e.g. configs/synthetic.yaml) "
-            "or a folder written by `dualrerank simulate --out`")
+EXPECTED = (
+    "the synthetic source takes a world YAML (keys: `dualrerank simulate --help`, e.g. configs/synthetic.yaml) "
+    "or a folder written by `dualrerank simulate --out`"
+)
 _SVMLIGHT_LINE = re.compile(r"\S+\s+qid:\S+")
-_BATCH_TENSORS = ("candidates", "candidate_mask", "context", "labels", "item_ids", "logged_page", "logged_page_mask",
-                  "logged_feedback", "propensity", "upstream_score")
+_BATCH_TENSORS = (
+    "candidates",
+    "candidate_mask",
+    "context",
+    "labels",
+    "item_ids",
+    "logged_page",
+    "logged_page_mask",
+    "logged_feedback",
+    "propensity",
+    "upstream_score",
+)
 
 
 @dataclass(frozen=True)
@@ -181,11 +193,15 @@ def _check_world_yaml(path: Path) -> None:
         if not text:
             continue
         if _SVMLIGHT_LINE.match(text):
-            raise ConfigError(f"synthetic: {path} is an SVMlight/LETOR ranking file (line {lineno}: '<label> qid:...'), "
-                              f"not a world; read it with --source letor; {EXPECTED}")
+            raise ConfigError(
+                f"synthetic: {path} is an SVMlight/LETOR ranking file (line {lineno}: '<label> qid:...'), "
+                f"not a world; read it with --source letor; {EXPECTED}"
+            )
         if line.count("\t") == 4:
-            raise ConfigError(f"synthetic: {path} looks like a MIND behaviors.tsv (line {lineno} has 5 tab-separated "
-                              f"fields), not a world; read it with --source mind; {EXPECTED}")
+            raise ConfigError(
+                f"synthetic: {path} looks like a MIND behaviors.tsv (line {lineno} has 5 tab-separated "
+                f"fields), not a world; read it with --source mind; {EXPECTED}"
+            )
         break
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -194,8 +210,10 @@ def _check_world_yaml(path: Path) -> None:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"synthetic: {path} is not a world YAML (not valid YAML{at}); {EXPECTED}") from None
     if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"synthetic: {path} is not a world YAML (its top level is a {type(loaded).__name__}, "
-                          f"not a mapping of world keys); {EXPECTED}")
+        raise ConfigError(
+            f"synthetic: {path} is not a world YAML (its top level is a {type(loaded).__name__}, "
+            f"not a mapping of world keys); {EXPECTED}"
+        )
 
 
 # ---------------------------------------------------------------------------- storage
@@ -286,12 +304,16 @@ def load_logs(
         feedback_names=tuple(meta.get("feedback_names", ())),
     ).validate()
     if num_requests is not None and num_requests > batch.batch_size:
-        raise DataError(f"logs: {d} holds {batch.batch_size:,} logged requests but {option}={num_requests:,}; ask for at "
-                        f"most {batch.batch_size:,} or log more with `dualrerank simulate --requests {num_requests} --out DIR`")
+        raise DataError(
+            f"logs: {d} holds {batch.batch_size:,} logged requests but {option}={num_requests:,}; ask for at "
+            f"most {batch.batch_size:,} or log more with `dualrerank simulate --requests {num_requests} --out DIR`"
+        )
     logged_length = None if batch.logged_page is None else int(batch.logged_page.shape[1])
     if page_length is not None and logged_length != page_length:
-        raise DataError(f"logs: the pages in {d} have {logged_length} positions but page_length={page_length}; "
-                        f"set page_length to {logged_length} or log pages of {page_length} with `dualrerank simulate --page-length`")
+        raise DataError(
+            f"logs: the pages in {d} have {logged_length} positions but page_length={page_length}; "
+            f"set page_length to {logged_length} or log pages of {page_length} with `dualrerank simulate --page-length`"
+        )
     if num_requests is not None and num_requests < batch.batch_size:
         batch = batch.select(slice(0, num_requests))
     return batch

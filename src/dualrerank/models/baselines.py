@@ -75,6 +75,7 @@ __all__ = [
     "CatBoostRank",
 ]
 
+
 def supervised_gains(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-candidate training gain and the candidates it is defined for.
 
@@ -305,7 +306,9 @@ class _TreeRanker(_ScoreAndSort, ABC):
         "best_iteration", "valid_ndcg@k"}` (the last with `valid` only)."""
         X, y, g = self._train_rows(train)
         val = self._dataset(valid) if valid is not None else None
-        with tqdm(total=self.config.n_estimators, desc=f"{self.name} trees", unit="tree", disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=self.config.n_estimators, desc=f"{self.name} trees", unit="tree", disable=not progress, leave=False
+        ) as bar:
             return self._train(X, y, g, val, bar)
 
     @abstractmethod
@@ -380,7 +383,9 @@ class LambdaMART(_TreeRanker):
         X, y, groups = super()._dataset(batch)
         # lambdarank's default label_gain table is 2^i - 1 for i in 0..30.
         if bool((y != np.round(y)).any()) or bool((y > 30).any()):
-            raise DataError("labels: LambdaMART needs integer gains in 0..30 (graded relevance, or the realised gain 0..2 of logs)")
+            raise DataError(
+                "labels: LambdaMART needs integer gains in 0..30 (graded relevance, or the realised gain 0..2 of logs)"
+            )
         return X, y.astype(np.int32), groups
 
     def _train(self, X: np.ndarray, y: np.ndarray, g: np.ndarray, val: tuple | None, bar: tqdm) -> dict:
@@ -409,8 +414,14 @@ class LambdaMART(_TreeRanker):
             callbacks.append(lgb.record_evaluation(record))
             if cfg.early_stopping_rounds > 0:
                 callbacks.append(lgb.early_stopping(cfg.early_stopping_rounds, verbose=False))
-        booster = lgb.train(params, train_set, num_boost_round=cfg.n_estimators, valid_sets=valid_sets,
-                            valid_names=["valid"] * len(valid_sets), callbacks=callbacks)
+        booster = lgb.train(
+            params,
+            train_set,
+            num_boost_round=cfg.n_estimators,
+            valid_sets=valid_sets,
+            valid_names=["valid"] * len(valid_sets),
+            callbacks=callbacks,
+        )
         self.booster = booster
         best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
         summary: dict = {"num_trees": booster.num_trees(), "best_iteration": best}

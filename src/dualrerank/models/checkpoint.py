@@ -41,8 +41,15 @@ from dualrerank.files import umask_mode
 from dualrerank.models.registry import build_model, config_from_dict, get_spec
 
 __all__ = [
-    "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "save_checkpoint", "load_checkpoint", "read_checkpoint_info",
-    "resolve_checkpoint", "load_checkpoint_of_kind", "check_state_fits",
+    "FORMAT_VERSION",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_info",
+    "resolve_checkpoint",
+    "load_checkpoint_of_kind",
+    "check_state_fits",
 ]
 
 FORMAT_VERSION = 1
@@ -95,7 +102,9 @@ def save_checkpoint(model: Any, directory: str | Path, name: str, extra: dict | 
     """
     spec = get_spec(name)
     if not isinstance(model, spec.model_class):
-        raise ConfigError(f"checkpoint: model is a {type(model).__name__}, registry entry {name!r} is {spec.model_class.__name__}")
+        raise ConfigError(
+            f"checkpoint: model is a {type(model).__name__}, registry entry {name!r} is {spec.model_class.__name__}"
+        )
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"checkpoint: {target} exists and is not a directory")
@@ -168,7 +177,9 @@ def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} lacks {missing}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {d}: format_version {meta['format_version']!r} unsupported (this dualrerank reads {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {d}: format_version {meta['format_version']!r} unsupported (this dualrerank reads {FORMAT_VERSION})"
+        )
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} field 'config' must be a JSON object")
     _check_manifest(d, meta.get("files"))
@@ -179,11 +190,17 @@ def _check_manifest(d: Path, files: Any) -> None:
     """The manifest is required, non-empty, and names plain files of this directory only:
     without it nothing would be verified, and a `../` entry would read outside it."""
     if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} has no 'files' manifest (name -> sha256); refusing unverified weights")
+        raise CheckpointError(
+            f"checkpoint {d}: {CONFIG_FILE} has no 'files' manifest (name -> sha256); refusing unverified weights"
+        )
     for fname, digest in files.items():
         if (
-            not isinstance(fname, str) or not fname or fname in (".", "..") or Path(fname).name != fname
-            or "\\" in fname or fname == CONFIG_FILE
+            not isinstance(fname, str)
+            or not fname
+            or fname in (".", "..")
+            or Path(fname).name != fname
+            or "\\" in fname
+            or fname == CONFIG_FILE
         ):
             raise CheckpointError(f"checkpoint {d}: manifest entry {fname!r} is not a file name inside the checkpoint")
         if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):

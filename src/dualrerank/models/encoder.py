@@ -49,9 +49,7 @@ class CandidateEncoder(nn.Module):
         # Fusion sees the item, the context and their product, so context-dependent
         # relevance (user x item) is expressible before any attention layer.
         self.fuse = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Linear(h, h))
-        self.blocks = nn.ModuleList(
-            Block(h, config.n_heads, config.ffn_mult, config.dropout) for _ in range(config.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(h, config.n_heads, config.ffn_mult, config.dropout) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(h)
 
     @torch.no_grad()

@@ -96,7 +96,11 @@ def _check_config(config: EvaluatorConfig) -> None:
     enc = config.encoder
     if enc.candidate_dim < 1:
         raise ConfigError("encoder.candidate_dim: must be set to the data's feature width (>= 1)")
-    for name, value in (("n_layers", config.n_layers), ("max_positions", config.max_positions), ("beam_width", config.beam_width)):
+    for name, value in (
+        ("n_layers", config.n_layers),
+        ("max_positions", config.max_positions),
+        ("beam_width", config.beam_width),
+    ):
         if value < 1:
             raise ConfigError(f"{name}: must be >= 1, got {value}")
     if len(config.value_weights) != 2:
@@ -119,9 +123,7 @@ class ListEvaluator(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
         self.bos = nn.Parameter(0.02 * torch.randn(d))
         self.pair = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(
-            Block(d, enc.n_heads, enc.ffn_mult, enc.dropout, cross=True) for _ in range(config.n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(d, enc.n_heads, enc.ffn_mult, enc.dropout, cross=True) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(d)
         self.head = nn.Linear(d, 2)
 

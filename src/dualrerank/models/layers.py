@@ -48,9 +48,7 @@ class MultiHeadAttention(nn.Module):
         """
         q = self._heads(self.q_proj(x))
         mask = None if allowed is None else allowed.unsqueeze(1)
-        out = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         B, _, m, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, m, self.n_heads * self.d_head))
 

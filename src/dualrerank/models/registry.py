@@ -60,18 +60,20 @@ _S = "dualrerank.models.student"
 _E = "dualrerank.models.evaluator"
 _B = "dualrerank.models.baselines"
 
-MODELS: Mapping[str, ModelSpec] = MappingProxyType({
-    "teacher": ModelSpec(f"{_T}:ARTeacher", f"{_T}:TeacherConfig", "ar"),
-    "seq2slate": ModelSpec(f"{_T}:ARTeacher", f"{_T}:TeacherConfig", "ar", MappingProxyType({"bpr_weight": 0.0})),
-    "student": ModelSpec(f"{_S}:NARStudent", f"{_S}:StudentConfig", "nar"),
-    "nar": ModelSpec(f"{_S}:NARStudent", f"{_S}:StudentConfig", "nar"),
-    "evaluator": ModelSpec(f"{_E}:ListEvaluator", f"{_E}:EvaluatorConfig", "evaluator"),
-    "dnn": ModelSpec(f"{_B}:PointwiseDNN", f"{_B}:DNNConfig", "scorer"),
-    "prm": ModelSpec(f"{_B}:PRM", f"{_B}:PRMConfig", "scorer"),
-    "upstream": ModelSpec(f"{_B}:UpstreamSort", f"{_B}:UpstreamConfig", "scorer"),
-    "lambdamart": ModelSpec(f"{_B}:LambdaMART", f"{_B}:LambdaMARTConfig", "tree"),
-    "catboost": ModelSpec(f"{_B}:CatBoostRank", f"{_B}:CatBoostConfig", "tree"),
-})
+MODELS: Mapping[str, ModelSpec] = MappingProxyType(
+    {
+        "teacher": ModelSpec(f"{_T}:ARTeacher", f"{_T}:TeacherConfig", "ar"),
+        "seq2slate": ModelSpec(f"{_T}:ARTeacher", f"{_T}:TeacherConfig", "ar", MappingProxyType({"bpr_weight": 0.0})),
+        "student": ModelSpec(f"{_S}:NARStudent", f"{_S}:StudentConfig", "nar"),
+        "nar": ModelSpec(f"{_S}:NARStudent", f"{_S}:StudentConfig", "nar"),
+        "evaluator": ModelSpec(f"{_E}:ListEvaluator", f"{_E}:EvaluatorConfig", "evaluator"),
+        "dnn": ModelSpec(f"{_B}:PointwiseDNN", f"{_B}:DNNConfig", "scorer"),
+        "prm": ModelSpec(f"{_B}:PRM", f"{_B}:PRMConfig", "scorer"),
+        "upstream": ModelSpec(f"{_B}:UpstreamSort", f"{_B}:UpstreamConfig", "scorer"),
+        "lambdamart": ModelSpec(f"{_B}:LambdaMART", f"{_B}:LambdaMARTConfig", "tree"),
+        "catboost": ModelSpec(f"{_B}:CatBoostRank", f"{_B}:CatBoostConfig", "tree"),
+    }
+)
 
 
 def get_spec(name: str) -> ModelSpec:

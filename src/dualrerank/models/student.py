@@ -48,8 +48,9 @@ class StudentConfig:
 
 
 def _check_config(config: StudentConfig) -> None:
-    check_decoder_config(config.encoder, config.n_layers, config.n_heads, config.ffn_mult,
-                         "max_positions", config.max_positions, config.dropout)
+    check_decoder_config(
+        config.encoder, config.n_layers, config.n_heads, config.ffn_mult, "max_positions", config.max_positions, config.dropout
+    )
 
 
 class NARStudent(nn.Module):
@@ -74,9 +75,7 @@ class NARStudent(nn.Module):
         """Store the feature mean/std of `batch` (training data) in the encoder."""
         self.encoder.fit_normalizer(batch.candidates, batch.candidate_mask, batch.context)
 
-    def forward(
-        self, candidates: torch.Tensor, context: torch.Tensor, candidate_mask: torch.Tensor, length: int
-    ) -> torch.Tensor:
+    def forward(self, candidates: torch.Tensor, context: torch.Tensor, candidate_mask: torch.Tensor, length: int) -> torch.Tensor:
         """`Z [B, length, n]` from `candidates [B, n, d_in]`, `context [B, c]`, `mask [B, n]`.
 
         -inf at padded candidates. `length` is a Python int (static under export).
@@ -131,9 +130,7 @@ class NARStudent(nn.Module):
         """`[B, G, k]` pages drawn exactly from `P_S` at `temperature` (page 0 greedy if asked)."""
         return gumbel_max_pages(self.logits(batch, k), batch.candidate_mask, group, temperature, generator, include_greedy)
 
-    def page_log_prob(
-        self, batch: RerankBatch, pages: torch.Tensor, page_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def page_log_prob(self, batch: RerankBatch, pages: torch.Tensor, page_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-step `log P_S` of `pages [B, L]` or `[B, G, L]` -> same shape; differentiable
         (the RL and KD losses' input). False `page_mask` positions give 0."""
         if pages.dim() not in (2, 3):

@@ -75,8 +75,9 @@ class _Memory:
 
 
 def _check_config(config: TeacherConfig) -> None:
-    check_decoder_config(config.encoder, config.n_layers, config.n_heads, config.ffn_mult,
-                         "max_length", config.max_length, config.dropout)
+    check_decoder_config(
+        config.encoder, config.n_layers, config.n_heads, config.ffn_mult, "max_length", config.max_length, config.dropout
+    )
 
 
 class ARTeacher(nn.Module):

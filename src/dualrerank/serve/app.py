@@ -74,10 +74,12 @@ class CandidateIn(BaseModel):
     # the schema says what is accepted.
     id: Any = Field(
         description="item id, an integer or a string, unique within the request",
-        json_schema_extra={"anyOf": [
-            {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
-            {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
-        ]},
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+            ]
+        },
     )
     features: list[StrictFloat] = Field(description="the candidate's feature vector (the model's width d)")
 
@@ -111,7 +113,8 @@ class RerankResponseOut(BaseModel):
     request_id: str
     ids: list[int | str] = Field(min_length=1, description="the page, top first")
     scores: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
-        min_length=1, description="student probability of each item given the items above it")
+        min_length=1, description="student probability of each item given the items above it"
+    )
     page_log_prob: float = Field(le=0.0, description="sum of the logs of `scores`")
     selected_by: Literal["greedy", "evaluator", "log_prob"]
     group: int = Field(ge=1)
@@ -208,8 +211,10 @@ class _Reranker:
             X = np.asarray(feats, dtype=np.float32).reshape(1, n, m.candidate_dim)
             C = np.asarray(req.context, dtype=np.float32).reshape(1, -1)
         batch = RerankBatch(
-            candidates=torch.from_numpy(X), candidate_mask=torch.ones(1, n, dtype=torch.bool),
-            context=torch.from_numpy(C), request_ids=(req.request_id,),
+            candidates=torch.from_numpy(X),
+            candidate_mask=torch.ones(1, n, dtype=torch.bool),
+            context=torch.from_numpy(C),
+            request_ids=(req.request_id,),
         )
         return batch.validate(k=req.k, candidate_dim=m.candidate_dim, context_dim=m.context_dim)
 
@@ -337,7 +342,9 @@ class _RequestGuardMiddleware:
                 await self._refuse(scope, receive, send, 400, "Content-Length: not a number")
                 return
             if int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, f"body: {int(declared)} bytes > the server's limit of {self.max_bytes}")
+                await self._refuse(
+                    scope, receive, send, 413, f"body: {int(declared)} bytes > the server's limit of {self.max_bytes}"
+                )
                 return
         chunks, size = [], 0
         while True:
@@ -368,8 +375,11 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "body is not JSON (malformed, empty, not UTF-8)"},
     413: {"model": ErrorOut, "description": "body over the server's max_body_bytes"},
     415: {"model": ErrorOut, "description": "Content-Type is not application/json (a charset parameter may say UTF-8)"},
-    422: {"model": ErrorOut, "description": "a request the model cannot serve: schema, widths, k, group, ids, "
-                                            "NaN/inf, too many candidates, or a model output that is not finite"},
+    422: {
+        "model": ErrorOut,
+        "description": "a request the model cannot serve: schema, widths, k, group, ids, "
+        "NaN/inf, too many candidates, or a model output that is not finite",
+    },
     500: {"model": ErrorOut, "description": "a bug (logged with its traceback on the server)"},
 }
 
@@ -414,7 +424,11 @@ def create_app(model: ServingModel, config: ServeConfig | None = None) -> FastAP
     # The OpenAPI document is served (clients generate code from it); the interactive
     # /docs and /redoc pages are not: they load scripts from a CDN into an operator's browser.
     app = FastAPI(
-        title="dualrerank", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+        title="dualrerank",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
         description=f"Generative list-wise reranking: the NAR student {model.model_version} ({model.backend.name}).",
     )
     app.state.metrics, app.state.model = metrics, model

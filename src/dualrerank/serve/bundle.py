@@ -83,9 +83,14 @@ def load_serving_model(
             impl = OnnxBackend(export_student_bytes(student), threads, expected)
     enc = student.config.encoder
     model = ServingModel(
-        impl, enc.candidate_dim, enc.context_dim, student.config.max_positions,
-        model_version=f"student-{fingerprint[:12]}", evaluator=evaluator,
-        temperature=temperature, include_greedy=include_greedy,
+        impl,
+        enc.candidate_dim,
+        enc.context_dim,
+        student.config.max_positions,
+        model_version=f"student-{fingerprint[:12]}",
+        evaluator=evaluator,
+        temperature=temperature,
+        include_greedy=include_greedy,
     )
     if warmup:
         model.warmup()

@@ -77,7 +77,9 @@ class RerankClient:
         client: an existing `httpx.Client` to use instead (e.g. FastAPI's `TestClient`).
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, client: httpx.Client | None = None) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 10.0, client: httpx.Client | None = None
+    ) -> None:
         self._own = client is None
         self._http = client if client is not None else httpx.Client(base_url=base_url, timeout=timeout)
 
@@ -130,10 +132,16 @@ class RerankClient:
         headers = {"content-type": "application/json"}
         data = self._send("POST", "/v1/rerank", content=content, headers=headers).json()
         return RerankReply(
-            request_id=data["request_id"], ids=data["ids"], scores=data["scores"],
-            model_version=data["model_version"], latency_ms=data["latency_ms"],
-            page_log_prob=data["page_log_prob"], selected_by=data["selected_by"], group=data["group"],
-            page_value=data.get("page_value"), raw=data,
+            request_id=data["request_id"],
+            ids=data["ids"],
+            scores=data["scores"],
+            model_version=data["model_version"],
+            latency_ms=data["latency_ms"],
+            page_log_prob=data["page_log_prob"],
+            selected_by=data["selected_by"],
+            group=data["group"],
+            page_value=data.get("page_value"),
+            raw=data,
         )
 
     def health(self) -> dict[str, Any]:

@@ -29,8 +29,11 @@ class ExportConfig:
 class ServeConfig:
     checkpoint: str = option("", "serving checkpoint directory: the student, optionally evaluator/ and student.onnx inside")
     backend: str = option("onnx", "inference backend of the student's logit matrix", choices=("onnx", "torch"))
-    onnx_path: str = option("", "ONNX file of the student (default: CHECKPOINT/student.onnx if present, "
-                                "else the student is exported in memory at startup)")
+    onnx_path: str = option(
+        "",
+        "ONNX file of the student (default: CHECKPOINT/student.onnx if present, "
+        "else the student is exported in memory at startup)",
+    )
     host: str = option("127.0.0.1", "interface to bind (loopback by default; 0.0.0.0 exposes the service)")
     port: int = option(8000, "TCP port (0: the system picks a free one; `serve` prints it once serving)")
     max_candidates: int = option(1000, "largest number of candidates one request may carry (more -> 422)")

@@ -140,9 +140,15 @@ def export_student_bytes(student: NARStudent, opset: int = DEFAULT_OPSET, extra_
             # the encoder's zero-width-context branch) and that the exporter is the legacy one.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                graph, _dummy_inputs(student), buf,
-                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                dynamic_axes=_DYNAMIC_AXES, opset_version=opset, do_constant_folding=True, dynamo=False,
+                graph,
+                _dummy_inputs(student),
+                buf,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=_DYNAMIC_AXES,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
             )
     except (ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -220,4 +226,3 @@ def check_parity(student: NARStudent, session: Any, seed: int = 0) -> dict[str, 
     finally:
         student.train(was_training)
     return {"max_abs_diff": worst, "pages_equal": pages_equal, "padding_is_neg_inf": pad_ok, "batches": 4}
-

@@ -276,7 +276,9 @@ class ServingModel:
         mask = np.ones((1, n), bool)
         self.backend.logits(X, C, mask, k)
         if self.evaluator is not None:
-            batch = RerankBatch(candidates=torch.from_numpy(X), candidate_mask=torch.from_numpy(mask), context=torch.from_numpy(C))
+            batch = RerankBatch(
+                candidates=torch.from_numpy(X), candidate_mask=torch.from_numpy(mask), context=torch.from_numpy(C)
+            )
             with torch.inference_mode():
                 self.evaluator.page_value(batch, torch.arange(k).view(1, 1, k))
 
@@ -286,4 +288,3 @@ def load_student(checkpoint: str | Path) -> Any:
     from dualrerank.models.checkpoint import load_checkpoint_of_kind
 
     return load_checkpoint_of_kind(checkpoint, ("nar",), "the NAR student that export and serving need")
-

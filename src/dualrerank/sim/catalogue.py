@@ -176,9 +176,7 @@ def complement_pattern(C: int, density: float, g: torch.Generator) -> torch.Tens
     return draw
 
 
-def build_catalogue(
-    cat: CatalogueConfig, req: RequestConfig, resp: ResponseConfig, seed: int
-) -> Catalogue:
+def build_catalogue(cat: CatalogueConfig, req: RequestConfig, resp: ResponseConfig, seed: int) -> Catalogue:
     """Draw the catalogue of a world from its seed (deterministic)."""
     g = seeded(seed, "catalogue")
     N, C, k = cat.num_items, cat.num_categories, cat.topic_dim

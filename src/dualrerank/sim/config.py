@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 from dualrerank.feedback import FEEDBACK_NAMES  # noqa: E402  (one definition of the feedback columns)
+
 REWARD_DIMENSIONS = FEEDBACK_NAMES + ("reformulate",)
 DRIFT_KINDS = ("rotate_preferences", "reward", "redundancy", "stale_upstream")
 DURATION_KINDS = ("packaged", "lognormal")
@@ -63,7 +64,9 @@ class CatalogueConfig:
     num_items: int = option(6000, "number of items in the catalogue")
     num_categories: int = option(12, "number of item categories (observable, one-hot)")
     topic_dim: int = option(12, "dimension of the latent topic vectors of items and users")
-    topic_spread: float = option(0.6, "spread of an item's topic around its category's centre (0 = all items of a category alike)")
+    topic_spread: float = option(
+        0.6, "spread of an item's topic around its category's centre (0 = all items of a category alike)"
+    )
     category_skew: float = option(0.5, "Zipf exponent of category popularity (0 = all categories equally common)")
     quality_std: float = option(0.6, "std of the hidden item quality added to the engagement logit")
     durations: str = option(
@@ -109,8 +112,19 @@ class RequestConfig:
         _nonnegative(
             self,
             w,
-            ("user_spread", "relevance_scale", "match_noise", "retrieval_noise", "patience_std", "upstream_noise",
-             "topic_noise", "quality_noise", "context_noise", "num_projections", "projection_noise"),
+            (
+                "user_spread",
+                "relevance_scale",
+                "match_noise",
+                "retrieval_noise",
+                "patience_std",
+                "upstream_noise",
+                "topic_noise",
+                "quality_noise",
+                "context_noise",
+                "num_projections",
+                "projection_noise",
+            ),
         )
 
 
@@ -142,8 +156,16 @@ class ResponseConfig:
         _nonnegative(
             self,
             w,
-            ("redundancy", "category_overlap", "topic_overlap", "complementarity", "position_bias", "dissatisfaction",
-             "watch_duration", "reformulate_viewport"),
+            (
+                "redundancy",
+                "category_overlap",
+                "topic_overlap",
+                "complementarity",
+                "position_bias",
+                "dissatisfaction",
+                "watch_duration",
+                "reformulate_viewport",
+            ),
         )
         _check(0 <= self.redundancy_decay <= 1, f"{w}.redundancy_decay", f"must be in [0, 1], got {self.redundancy_decay}")
         _check(0 <= self.complement_density <= 1, f"{w}.complement_density", f"must be in [0, 1], got {self.complement_density}")
@@ -214,7 +236,9 @@ class DriftEvent:
     def __post_init__(self) -> None:
         _check(self.step >= 0, "drift.step", f"must be >= 0, got {self.step}")
         _check(self.kind in DRIFT_KINDS, "drift.kind", f"{self.kind!r} is not one of {list(DRIFT_KINDS)}")
-        _check(self.dimension in REWARD_DIMENSIONS, "drift.dimension", f"{self.dimension!r} is not one of {list(REWARD_DIMENSIONS)}")
+        _check(
+            self.dimension in REWARD_DIMENSIONS, "drift.dimension", f"{self.dimension!r} is not one of {list(REWARD_DIMENSIONS)}"
+        )
         if self.kind == "reward":
             _check(self.weight is not None or self.scale is not None, "drift", "a 'reward' event needs a weight or a scale")
             _check(self.scale is None or self.scale > 0, "drift.scale", f"must be > 0, got {self.scale}")

@@ -34,7 +34,18 @@ from dualrerank.sim.catalogue import MEDIAN_DURATION_S
 from dualrerank.sim.config import FEEDBACK_NAMES
 from dualrerank.sim.state import Feedback, WorldState
 
-__all__ = ["ResponseParams", "ItemView", "Expectation", "relevance", "item_view", "similarity", "expected", "sample", "realised_utility", "standalone_utility"]
+__all__ = [
+    "ResponseParams",
+    "ItemView",
+    "Expectation",
+    "relevance",
+    "item_view",
+    "similarity",
+    "expected",
+    "sample",
+    "realised_utility",
+    "standalone_utility",
+]
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,9 @@ def item_view(params: ResponseParams, state: WorldState, pages: torch.Tensor | N
     )
 
 
-def similarity(params: ResponseParams, cat_a: torch.Tensor, top_a: torch.Tensor, cat_b: torch.Tensor, top_b: torch.Tensor) -> torch.Tensor:
+def similarity(
+    params: ResponseParams, cat_a: torch.Tensor, top_a: torch.Tensor, cat_b: torch.Tensor, top_b: torch.Tensor
+) -> torch.Tensor:
     """`[..., a, b]` satiation similarity between items `[..., a]` and `[..., b]` (topics `[..., *, k]`)."""
     same = (cat_a.unsqueeze(-1) == cat_b.unsqueeze(-2)).to(top_a.dtype)
     cos = torch.matmul(top_a, top_b.transpose(-1, -2)).clamp_min(0)
@@ -173,7 +186,9 @@ def _decay_matrix(L: int, decay: float) -> torch.Tensor:
     return torch.where(t.unsqueeze(1) > t.unsqueeze(0), decay**lag, torch.zeros(()))
 
 
-def watch_terms(params: ResponseParams, logit: torch.Tensor, log_duration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def watch_terms(
+    params: ResponseParams, logit: torch.Tensor, log_duration: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Kumaraswamy shape a, E[fraction], P(fraction >= threshold)) for engagement logits."""
     # clamped so that a stays a finite positive float32; E[fraction] = a / (1 + a) = sigmoid(g)
     g = (params.watch_engagement * logit + params.watch_bias - params.watch_duration * log_duration).clamp(-30, 30)
@@ -182,13 +197,17 @@ def watch_terms(params: ResponseParams, logit: torch.Tensor, log_duration: torch
     return a, torch.sigmoid(g), p_long
 
 
-def item_gain(params: ResponseParams, p: torch.Tensor, frac: torch.Tensor, p_long: torch.Tensor, duration: torch.Tensor) -> torch.Tensor:
+def item_gain(
+    params: ResponseParams, p: torch.Tensor, frac: torch.Tensor, p_long: torch.Tensor, duration: torch.Tensor
+) -> torch.Tensor:
     """Expected utility of an examined item from its click, long-view and watch terms."""
     w = params.weights
     return p * (w["click"] + w["long_view"] * p_long + w["watch_time"] * frac * duration)
 
 
-def continue_prob(params: ResponseParams, patience: torch.Tensor, t_index: torch.Tensor, dissatisfied: torch.Tensor) -> torch.Tensor:
+def continue_prob(
+    params: ResponseParams, patience: torch.Tensor, t_index: torch.Tensor, dissatisfied: torch.Tensor
+) -> torch.Tensor:
     """P(go on from position t to t+1 | examined t); t_index is 0-based."""
     inside = (t_index < params.viewport - 1).to(dissatisfied.dtype)
     return torch.sigmoid(params.continue_bias + patience + params.viewport_bonus * inside - params.dissatisfaction * dissatisfied)
@@ -266,4 +285,3 @@ def standalone_utility(params: ResponseParams, view: ItemView) -> torch.Tensor:
     """`[B, n]` expected utility of each candidate shown alone at position 1 (no page effects)."""
     _, frac, p_long = watch_terms(params, view.base, view.log_duration)
     return item_gain(params, torch.sigmoid(view.base), frac, p_long, view.duration)
-

@@ -94,7 +94,9 @@ class Feedback:
 def check_pages(pages: torch.Tensor, candidate_mask: torch.Tensor) -> torch.Tensor:
     """Validate pages `[B, L]` or `[B, G, L]` against `candidate_mask [B, n]`; raise DataError."""
     if not isinstance(pages, torch.Tensor) or pages.dtype not in (torch.int64, torch.int32):
-        raise DataError(f"pages: expected an integer tensor [B, L] or [B, G, L], got {getattr(pages, 'dtype', type(pages).__name__)}")
+        raise DataError(
+            f"pages: expected an integer tensor [B, L] or [B, G, L], got {getattr(pages, 'dtype', type(pages).__name__)}"
+        )
     if pages.dim() not in (2, 3):
         raise DataError(f"pages: expected shape [B, L] or [B, G, L], got {tuple(pages.shape)}")
     B, n = candidate_mask.shape

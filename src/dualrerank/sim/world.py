@@ -26,7 +26,16 @@ from dualrerank.sim import policies
 from dualrerank.sim.catalogue import LOG_DURATION_STD, MEDIAN_DURATION_S, Catalogue, build_catalogue, seeded
 from dualrerank.sim.config import WorldConfig
 from dualrerank.sim.drift import effective_params
-from dualrerank.sim.response import Expectation, ResponseParams, expected, item_view, realised_utility, relevance, sample, standalone_utility
+from dualrerank.sim.response import (
+    Expectation,
+    ResponseParams,
+    expected,
+    item_view,
+    realised_utility,
+    relevance,
+    sample,
+    standalone_utility,
+)
 from dualrerank.sim.state import Feedback, WorldState, check_pages
 
 __all__ = ["World", "Reference", "as_generator"]
@@ -72,8 +81,9 @@ class World:
             rebuilt (what `at_step` passes).
     """
 
-    def __init__(self, config: WorldConfig | None = None, seed: int | None = None, *, step: int = 0,
-                 catalogue: Catalogue | None = None) -> None:
+    def __init__(
+        self, config: WorldConfig | None = None, seed: int | None = None, *, step: int = 0, catalogue: Catalogue | None = None
+    ) -> None:
         self.config = config if config is not None else WorldConfig()
         if not isinstance(self.config, WorldConfig):
             raise ConfigError(f"config: expected a WorldConfig, got {type(self.config).__name__}")
@@ -147,7 +157,9 @@ class World:
             item_ids=items,
             upstream_score=torch.zeros(num, n),
         )
-        seen = self.params if self.params.upstream_rotation is None else replace(self.params, rotation=self.params.upstream_rotation)
+        seen = (
+            self.params if self.params.upstream_rotation is None else replace(self.params, rotation=self.params.upstream_rotation)
+        )
         upstream = relevance(seen, state) + rq.upstream_noise * torch.randn(num, n, generator=g)
         state = replace(state, upstream_score=upstream)
 
@@ -211,7 +223,9 @@ class World:
             raise DataError("upstream_score: the batch has none, so upstream sort is undefined")
         return policies.top_pages(source.upstream_score, source.candidate_mask, self._check_length(source, L))
 
-    def random_pages(self, state: WorldState, L: int, generator: torch.Generator | int, groups: int | None = None) -> torch.Tensor:
+    def random_pages(
+        self, state: WorldState, L: int, generator: torch.Generator | int, groups: int | None = None
+    ) -> torch.Tensor:
         """Uniformly random pages `[B, L]` (or `[B, G, L]` with `groups`)."""
         return policies.random_pages(state.candidate_mask, self._check_length(state, L), as_generator(generator), groups)
 
@@ -225,7 +239,11 @@ class World:
         """Pages of the logging policy `[B, L]` and their propensities `[B]` (see `policies.logging_pages`)."""
         lg = self.config.logging
         return policies.logging_pages(
-            state.upstream_score, state.candidate_mask, self._check_length(state, L), lg.temperature, lg.uniform_share,
+            state.upstream_score,
+            state.candidate_mask,
+            self._check_length(state, L),
+            lg.temperature,
+            lg.uniform_share,
             as_generator(generator),
         )
 

@@ -61,8 +61,19 @@ from dualrerank.sim.response import sample as sample_feedback
 from dualrerank.sim.state import WorldState
 
 __all__ = [
-    "ABConfig", "Arm", "UPSTREAM", "METRICS", "LATENCY_METRICS", "PAPER_CTR_LIFT", "THIRD_PARTY",
-    "parse_arm", "load_arms", "compare", "power_line", "run_ab", "run_demo_ab",
+    "ABConfig",
+    "Arm",
+    "UPSTREAM",
+    "METRICS",
+    "LATENCY_METRICS",
+    "PAPER_CTR_LIFT",
+    "THIRD_PARTY",
+    "parse_arm",
+    "load_arms",
+    "compare",
+    "power_line",
+    "run_ab",
+    "run_demo_ab",
 ]
 
 #: The special arm: candidates sorted by the upstream ranker's score (no checkpoint).
@@ -76,19 +87,36 @@ PAPER_CTR_LIFT = 0.00714
 #: Quoted in the report as third-party figures, never as ours and never as verified.
 THIRD_PARTY: dict[str, Any] = {
     "source": "Dual-Rerank (arXiv 2604.07420), online A/B test on 5% of Kuaishou search traffic, Dual-Rerank against "
-              "the AR baseline, as two third-party extractions quote it (../shared/docs/method.md section 6); "
-              "not verified, not measured here",
+    "the AR baseline, as two third-party extractions quote it (../shared/docs/method.md section 6); "
+    "not verified, not measured here",
     "agreed": {"ctr_lift_pct": 0.714, "latency_ms": 12.1},
-    "extraction_1": {"from": "an AI summary", "ctr_lift_pct": 0.714, "long_view_lift_pct": 0.373,
-                     "reformulation_lift_pct": -0.709, "latency_ms_baseline": 21.5, "latency_ms": 12.1,
-                     "latency_lift_pct": -43.7},
-    "extraction_2": {"from": "another extraction ('5% of traffic for a month')", "ctr_lift_pct": 0.714,
-                     "long_view_lift_pct": 1.107, "reformulation_lift_pct": -1.309, "latency_ms": 12.1},
+    "extraction_1": {
+        "from": "an AI summary",
+        "ctr_lift_pct": 0.714,
+        "long_view_lift_pct": 0.373,
+        "reformulation_lift_pct": -0.709,
+        "latency_ms_baseline": 21.5,
+        "latency_ms": 12.1,
+        "latency_lift_pct": -43.7,
+    },
+    "extraction_2": {
+        "from": "another extraction ('5% of traffic for a month')",
+        "ctr_lift_pct": 0.714,
+        "long_view_lift_pct": 1.107,
+        "reformulation_lift_pct": -1.309,
+        "latency_ms": 12.1,
+    },
 }
 
 #: Traffic metrics, in table order: each a ratio of sums over the requests an arm served.
 METRICS: tuple[str, ...] = (
-    "ctr", "ctr_per_page", "long_view_rate", "reformulation_rate", "watch_time_per_request", "normalized_utility", "utility",
+    "ctr",
+    "ctr_per_page",
+    "long_view_rate",
+    "reformulation_rate",
+    "watch_time_per_request",
+    "normalized_utility",
+    "utility",
 )
 LATENCY_METRICS: tuple[str, ...] = ("latency_ms_p50", "latency_ms_p99")
 
@@ -106,32 +134,47 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 class ABConfig:
     arms: list[str] = option(
         help="arms, each NAME=PATH (a run directory or a checkpoint of any trained reranker) or 'upstream' (sort by "
-        "the upstream score; also NAME=upstream); at least two; the CLI's --arm replaces this list", factory=list)
+        "the upstream score; also NAME=upstream); at least two; the CLI's --arm replaces this list",
+        factory=list,
+    )
     control: str | None = option(None, "the control arm's name (default: the first arm)")
-    design: str = option("paired", "'paired': every arm serves every request (independent feedback draws); 'split': "
-                         "each request goes to one arm drawn uniformly at random", choices=("paired", "split"))
+    design: str = option(
+        "paired",
+        "'paired': every arm serves every request (independent feedback draws); 'split': "
+        "each request goes to one arm drawn uniformly at random",
+        choices=("paired", "split"),
+    )
     requests: int = option(10000, "requests of fresh traffic", ge=1)
     seed: int = option(0, "seed of the traffic: requests, feedback draws, the split assignment and the bootstrap")
     world: str | None = option(None, "world YAML (with its drift schedule); default: the default world, no drift")
-    world_seed: int = option(0, "seed of the world (catalogue); the arms must have been trained on this world "
-                             "(their run's data.seed)")
+    world_seed: int = option(
+        0, "seed of the world (catalogue); the arms must have been trained on this world (their run's data.seed)"
+    )
     page_length: int = option(10, "page length L every arm serves", ge=1)
-    requests_per_step: int = option(64, "requests per stream step: request i is served by the world at step "
-                                     "i // requests_per_step (drift events of steps <= it in force)", ge=1)
-    chunk_size: int = option(2048, "requests per vectorised chunk (whole steps; memory bound); results do not "
-                             "depend on it", ge=1)
+    requests_per_step: int = option(
+        64,
+        "requests per stream step: request i is served by the world at step "
+        "i // requests_per_step (drift events of steps <= it in force)",
+        ge=1,
+    )
+    chunk_size: int = option(2048, "requests per vectorised chunk (whole steps; memory bound); results do not depend on it", ge=1)
     latency_requests: int = option(200, "requests timed at batch size 1 per arm on its serving path (0: no timing)", ge=0)
     latency_warmup: int = option(10, "untimed batch-1 calls per arm before timing", ge=0)
     threads: int = option(1, "torch and ONNX Runtime intra-op threads while timing", ge=1)
-    interval: str = option("delta", "interval method: 'delta' (delta method on the per-request numerator/denominator "
-                           "pairs) or 'bootstrap' (scipy.stats.bootstrap, percentile, over requests)",
-                           choices=("delta", "bootstrap"))
-    confidence: float = option(0.95, "confidence level of the intervals; 1 - confidence is the power line's alpha",
-                               gt=0, lt=1)
+    interval: str = option(
+        "delta",
+        "interval method: 'delta' (delta method on the per-request numerator/denominator "
+        "pairs) or 'bootstrap' (scipy.stats.bootstrap, percentile, over requests)",
+        choices=("delta", "bootstrap"),
+    )
+    confidence: float = option(0.95, "confidence level of the intervals; 1 - confidence is the power line's alpha", gt=0, lt=1)
     bootstrap_resamples: int = option(2000, "interval bootstrap: resamples", ge=100)
     power: float = option(0.8, "power the power line asks for", gt=0, lt=1)
-    target_lift: float = option(PAPER_CTR_LIFT, "relative CTR lift the power line sizes the test for (default: the "
-                                "paper's +0.714%, a third-party figure)", gt=0)
+    target_lift: float = option(
+        PAPER_CTR_LIFT,
+        "relative CTR lift the power line sizes the test for (default: the paper's +0.714%, a third-party figure)",
+        gt=0,
+    )
 
 
 # --------------------------------------------------------------------------- arms
@@ -162,8 +205,9 @@ def parse_arm(spec: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise ConfigError(f"--arm {spec!r}: expected NAME=PATH (a run directory or checkpoint) or 'upstream'")
     if not _ARM_NAME.match(name):
-        raise ConfigError(f"--arm {spec!r}: arm name {name!r} must be 1-40 letters, digits, '_', '.' or '-', "
-                          "starting with a letter or digit")
+        raise ConfigError(
+            f"--arm {spec!r}: arm name {name!r} must be 1-40 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
     return name, path
 
 
@@ -207,8 +251,9 @@ def _load_arm(name: str, source: str, cfg: ABConfig) -> Arm:
         return Arm(name, UPSTREAM, "upstream", model.rerank, model.rerank, "torch")
     path = Path(source)
     if path.is_dir() and not ((path / "checkpoint" / "config.json").is_file() or (path / "config.json").is_file()):
-        raise CheckpointError(f"--arm {name}={source}: not a run directory or checkpoint (neither checkpoint/config.json "
-                              "nor config.json in it)")
+        raise CheckpointError(
+            f"--arm {name}={source}: not a run directory or checkpoint (neither checkpoint/config.json nor config.json in it)"
+        )
     try:
         directory = resolve_checkpoint(path)
         registry_name = read_checkpoint_info(directory)["model"]
@@ -232,8 +277,10 @@ def _load_arm(name: str, source: str, cfg: ABConfig) -> Arm:
     if trained is not None:
         world_path, world_seed = trained
         if world_seed != cfg.world_seed or not _same_world(world_path, cfg.world):
-            arm.notes.append(f"arm {name} was trained on world {world_path or 'default'} (seed {world_seed}); this test "
-                             f"serves world {cfg.world or 'default'} (seed {cfg.world_seed})")
+            arm.notes.append(
+                f"arm {name} was trained on world {world_path or 'default'} (seed {world_seed}); this test "
+                f"serves world {cfg.world or 'default'} (seed {cfg.world_seed})"
+            )
     return arm
 
 
@@ -264,8 +311,9 @@ def _world(cfg: ABConfig) -> World:
     else:
         world_cfg = WorldConfig()
     if cfg.page_length > world_cfg.requests.num_candidates:
-        raise ConfigError(f"page_length: {cfg.page_length} > the world's {world_cfg.requests.num_candidates} "
-                          "candidates per request")
+        raise ConfigError(
+            f"page_length: {cfg.page_length} > the world's {world_cfg.requests.num_candidates} candidates per request"
+        )
     return World(world_cfg, seed=cfg.world_seed)
 
 
@@ -332,8 +380,10 @@ def check_split(cfg: ABConfig, arms: Sequence[Arm]) -> None:
     counts = torch.bincount(assign, minlength=len(arms))
     for arm, c in zip(arms, counts.tolist()):
         if c < 2:
-            raise ConfigError(f"--requests {cfg.requests}: the split design gave arm {arm.name} {c} request(s); "
-                              "give more requests (at least two per arm)")
+            raise ConfigError(
+                f"--requests {cfg.requests}: the split design gave arm {arm.name} {c} request(s); "
+                "give more requests (at least two per arm)"
+            )
 
 
 def simulate(arms: Sequence[Arm], world: World, cfg: ABConfig, progress: bool = True) -> Traffic:
@@ -372,12 +422,18 @@ def simulate(arms: Sequence[Arm], world: World, cfg: ABConfig, progress: bool = 
             exp = world_t.expectation(sub_state, pages)
             # Feedback step by step, each step from its own generator: the draws do not
             # depend on the chunking, nor on which other arms run.
-            click, long_view, watch, reform = (torch.zeros(local.numel(), L), torch.zeros(local.numel(), L),
-                                                torch.zeros(local.numel(), L), torch.zeros(local.numel()))
+            click, long_view, watch, reform = (
+                torch.zeros(local.numel(), L),
+                torch.zeros(local.numel(), L),
+                torch.zeros(local.numel(), L),
+                torch.zeros(local.numel()),
+            )
             sub_steps = step_of[local]
             for s in torch.unique(sub_steps).tolist():
                 at = (sub_steps == s).nonzero().flatten()
-                fb = sample_feedback(world_t.params, _select_expectation(exp, at), seeded(cfg.seed, f"ab/feedback/{arm.name}/{s}"))
+                fb = sample_feedback(
+                    world_t.params, _select_expectation(exp, at), seeded(cfg.seed, f"ab/feedback/{arm.name}/{s}")
+                )
                 click[at], long_view[at], watch[at], reform[at] = fb.click, fb.long_view, fb.watch_time, fb.reformulate
             idx = rows[local].numpy()
             out = values[arm.name]
@@ -513,8 +569,9 @@ def _delta(t: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray], p
     return max(float(g_diff @ S @ g_diff), 0.0), max(float(g_lift @ S @ g_lift), 0.0)
 
 
-def _bootstrap(t: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray], paired: bool, confidence: float,
-               resamples: int, seed: int) -> tuple[tuple[float, float], tuple[float, float], float]:
+def _bootstrap(
+    t: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray], paired: bool, confidence: float, resamples: int, seed: int
+) -> tuple[tuple[float, float], tuple[float, float], float]:
     """Percentile bootstrap intervals of (difference, lift) and the difference's standard
     error, resampling requests (the paired design resamples them jointly for both arms)."""
     from scipy import stats
@@ -539,22 +596,46 @@ def _bootstrap(t: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray
     # scipy >= 1.15 names the generator `rng`; older versions `random_state`.
     key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
     n = max(x.shape[-1] for x in data)
-    res = stats.bootstrap(data, statistic, vectorized=True, axis=-1, method="percentile", confidence_level=confidence,
-                          n_resamples=resamples, batch=max(1, min(resamples, 4_000_000 // max(1, 4 * n))), **{key: gen})
+    res = stats.bootstrap(
+        data,
+        statistic,
+        vectorized=True,
+        axis=-1,
+        method="percentile",
+        confidence_level=confidence,
+        n_resamples=resamples,
+        batch=max(1, min(resamples, 4_000_000 // max(1, 4 * n))),
+        **{key: gen},
+    )
     lo, hi = res.confidence_interval
     return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1])), float(res.standard_error[0])
 
 
-def compare(t: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray], *, paired: bool, confidence: float,
-            method: str = "delta", resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def compare(
+    t: tuple[np.ndarray, np.ndarray],
+    c: tuple[np.ndarray, np.ndarray],
+    *,
+    paired: bool,
+    confidence: float,
+    method: str = "delta",
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """An arm's ratio metric against the control's: values, difference and relative lift
     with `confidence` intervals, and the two-sided p-value of no difference. `t`, `c`:
     per-request (numerator, denominator) arrays (aligned request by request if `paired`).
     Undefined parts (a zero denominator, fewer than two requests, a lift against a control
     value <= 0) are None."""
     rt, rc = _ratio(*t), _ratio(*c)
-    out: dict[str, Any] = {"arm_value": rt, "control_value": rc, "difference": None, "difference_ci": None,
-                           "lift": None, "lift_ci": None, "p_value": None}
+    out: dict[str, Any] = {
+        "arm_value": rt,
+        "control_value": rc,
+        "difference": None,
+        "difference_ci": None,
+        "lift": None,
+        "lift_ci": None,
+        "p_value": None,
+    }
     if rt is None or rc is None:
         return out
     diff = rt - rc
@@ -626,22 +707,32 @@ def power_line(traffic: Traffic, arms: Sequence[Arm], control: str, cfg: ABConfi
             diff = lin_t - lin_c
             paired[arm.name] = needed(float(np.var(diff, ddof=1)) if diff.size > 1 else float("nan"))
     detect = detectable(2 * var_c, n_arm)
-    pct = f"{cfg.target_lift * 100:+.3f}%" + (" (the paper's online figure, third-party)"
-                                               if cfg.target_lift == PAPER_CTR_LIFT else "")
-    line = (f"To detect a CTR lift of {pct} at {cfg.power:.0%} power, two-sided alpha {alpha:.2g}, from the control's "
-            f"CTR {ctr_c:.4f} and its per-request variance: {split_n:,} requests per arm in a split test"
-            if split_n is not None else f"No power line for a CTR lift of {pct}: the control's CTR is 0 or it served "
-            "fewer than two requests")
+    pct = f"{cfg.target_lift * 100:+.3f}%" + (
+        " (the paper's online figure, third-party)" if cfg.target_lift == PAPER_CTR_LIFT else ""
+    )
+    line = (
+        f"To detect a CTR lift of {pct} at {cfg.power:.0%} power, two-sided alpha {alpha:.2g}, from the control's "
+        f"CTR {ctr_c:.4f} and its per-request variance: {split_n:,} requests per arm in a split test"
+        if split_n is not None
+        else f"No power line for a CTR lift of {pct}: the control's CTR is 0 or it served fewer than two requests"
+    )
     if paired:
         line += "; paired, from the variance of the per-request differences: " + ", ".join(
-            f"{a} {n:,}" if n is not None else f"{a} n/a" for a, n in paired.items())
+            f"{a} {n:,}" if n is not None else f"{a} n/a" for a, n in paired.items()
+        )
     if detect is not None:
         line += f". This test's {n_arm:,} requests per arm detect a lift of {detect:.2%} in a split test."
     return {
-        "target_lift": cfg.target_lift, "power": cfg.power, "alpha": alpha, "control_ctr": ctr_c,
+        "target_lift": cfg.target_lift,
+        "power": cfg.power,
+        "alpha": alpha,
+        "control_ctr": ctr_c,
         "control_std": math.sqrt(var_c) if math.isfinite(var_c) else None,
-        "requests_per_arm_split": split_n, "requests_paired": paired, "requests_per_arm": n_arm,
-        "detectable_lift_split": detect, "line": line,
+        "requests_per_arm_split": split_n,
+        "requests_paired": paired,
+        "requests_per_arm": n_arm,
+        "detectable_lift_split": detect,
+        "line": line,
     }
 
 
@@ -675,8 +766,10 @@ def prepare(cfg: ABConfig, out: Path, overwrite: bool) -> tuple[list[Arm], World
     out = Path(out)
     held = [f for f in (*AB_FILES, "report.md") if (out / f).exists()]
     if held and not overwrite:
-        raise ConfigError(f"--out {out} already holds results ({', '.join(held)}); pass --overwrite to replace them, "
-                          "or choose another directory")
+        raise ConfigError(
+            f"--out {out} already holds results ({', '.join(held)}); pass --overwrite to replace them, "
+            "or choose another directory"
+        )
     prepare_run_dir(out, overwrite=overwrite, reads=[a.path for a in arms if a.path is not None])
     if overwrite:
         for name in AB_FILES:
@@ -684,8 +777,9 @@ def prepare(cfg: ABConfig, out: Path, overwrite: bool) -> tuple[list[Arm], World
     return arms, world
 
 
-def run_ab(cfg: ABConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
-           commands: Sequence[str] | None = None) -> dict[str, Any]:
+def run_ab(
+    cfg: ABConfig, out: Path, *, overwrite: bool = False, progress: bool = True, commands: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Run the A/B test of `cfg` into `out` (see the module docstring); returns the summary
     as written to summary.json. Every input is checked before anything is written."""
     from dualrerank.report import write_ab_report
@@ -704,24 +798,42 @@ def run_ab(cfg: ABConfig, out: Path, *, overwrite: bool = False, progress: bool 
     per_arm: dict[str, Any] = {}
     for arm in arms:
         figures = {m: _ratio(*ratio_parts(traffic, arm.name, m)) for m in METRICS}
-        per_arm[arm.name] = {"arm_path": arm.source, "model": arm.model, "serving_path": arm.serving_path,
-                             "requests": int(traffic.served[arm.name].sum()), **figures, **latency[arm.name]}
+        per_arm[arm.name] = {
+            "arm_path": arm.source,
+            "model": arm.model,
+            "serving_path": arm.serving_path,
+            "requests": int(traffic.served[arm.name].sum()),
+            **figures,
+            **latency[arm.name],
+        }
     lifts: dict[str, Any] = {}
     for i, arm in enumerate(arms):
         if arm.name == control:
             continue
         rows: dict[str, Any] = {}
         for m in METRICS:
-            rows[m] = compare(ratio_parts(traffic, arm.name, m), ratio_parts(traffic, control, m), paired=paired,
-                              confidence=cfg.confidence, method=cfg.interval, resamples=cfg.bootstrap_resamples,
-                              seed=cfg.seed * 1000 + i)
+            rows[m] = compare(
+                ratio_parts(traffic, arm.name, m),
+                ratio_parts(traffic, control, m),
+                paired=paired,
+                confidence=cfg.confidence,
+                method=cfg.interval,
+                resamples=cfg.bootstrap_resamples,
+                seed=cfg.seed * 1000 + i,
+            )
         for m in LATENCY_METRICS:
             # Timing noise on a shared machine is not independent from call to call, so an
             # i.i.d. interval would be falsely precise: the ratio is reported without one.
             vt, vc = per_arm[arm.name][m], per_arm[control][m]
-            rows[m] = {"arm_value": vt, "control_value": vc, "difference": None if vt is None or vc is None else vt - vc,
-                       "difference_ci": None, "lift": vt / vc - 1 if vt is not None and vc else None, "lift_ci": None,
-                       "p_value": None}
+            rows[m] = {
+                "arm_value": vt,
+                "control_value": vc,
+                "difference": None if vt is None or vc is None else vt - vc,
+                "difference_ci": None,
+                "lift": vt / vc - 1 if vt is not None and vc else None,
+                "lift_ci": None,
+                "p_value": None,
+            }
         lifts[arm.name] = rows
     summary: dict[str, Any] = {
         "title": f"Simulated A/B test: {', '.join(a.name for a in arms)} (control {control})",
@@ -750,8 +862,16 @@ def run_ab(cfg: ABConfig, out: Path, *, overwrite: bool = False, progress: bool 
     return write_ab_report(out, summary, notes=notes)
 
 
-def run_demo_ab(arms: dict[str, str], out: Path, *, requests: int, world: str | None = None, seed: int = 0,
-                progress: bool = True, **overrides: Any) -> dict[str, Any]:
+def run_demo_ab(
+    arms: dict[str, str],
+    out: Path,
+    *,
+    requests: int,
+    world: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
     """`run_ab` for a pipeline that owns `out` (the demo): arms as {name: path or
     'upstream'}, the first the control, --out replaced. Returns the summary plus `table_md`
     (the report's results table, for embedding in another report)."""
@@ -759,8 +879,12 @@ def run_demo_ab(arms: dict[str, str], out: Path, *, requests: int, world: str | 
 
     specs = [UPSTREAM if (n == UPSTREAM and p == UPSTREAM) else f"{n}={p}" for n, p in arms.items()]
     cfg = ABConfig(arms=specs, requests=requests, world=world, seed=seed, **overrides)
-    command = "dualrerank ab " + " ".join(f"--arm {shlex.quote(s)}" for s in specs) + \
-        f" --requests {requests} --seed {seed}" + (f" --world {shlex.quote(world)}" if world else "") + \
-        f" --out {shlex.quote(str(out))} --overwrite"
+    command = (
+        "dualrerank ab "
+        + " ".join(f"--arm {shlex.quote(s)}" for s in specs)
+        + f" --requests {requests} --seed {seed}"
+        + (f" --world {shlex.quote(world)}" if world else "")
+        + f" --out {shlex.quote(str(out))} --overwrite"
+    )
     summary = run_ab(cfg, out, overwrite=True, progress=progress, commands=[command])
     return {**summary, "table_md": ab_results_table(summary)}

@@ -97,8 +97,9 @@ class DistillConfig:
         "exact form); below tau it sharpens the targets, imposing the unimodal concentration the method assumes",
     )
     alpha: float = option(2.0, "weight of the hard cross-entropy on the path item y_t beside the KL term")
-    position_weights: str = option("uniform", "weights w_t over positions: uniform or dcg (1/log2(t+1)), both summing to 1",
-                                   choices=("uniform", "dcg"))
+    position_weights: str = option(
+        "uniform", "weights w_t over positions: uniform or dcg (1/log2(t+1)), both summing to 1", choices=("uniform", "dcg")
+    )
     kd_mask: str = option(
         "none",
         "student rows p_t in the KD loss: 'none' (over all candidates; the student must learn which items the "
@@ -188,7 +189,9 @@ def teacher_paths(
 
 
 @torch.no_grad()
-def teacher_step_probs(teacher: nn.Module, batch: RerankBatch, path: torch.Tensor, path_mask: torch.Tensor, tau: float) -> torch.Tensor:
+def teacher_step_probs(
+    teacher: nn.Module, batch: RerankBatch, path: torch.Tensor, path_mask: torch.Tensor, tau: float
+) -> torch.Tensor:
     """`q [B, L, n]` along `path`: the teacher's `softmax(s_t / tau)` over the free valid
     candidates; 0 on padding and the prefix, all-zero rows at False `path_mask`."""
     out = []
@@ -233,16 +236,34 @@ def skd_loss(
     w = position_weights(student_logits.shape[1], cfg.position_weights)
     prefix_mode = cfg.kd_mask == "prefix"
     loss, parts = kd_loss(
-        teacher_probs, student_logits, candidate_mask, path, cfg.tau, cfg.alpha, w, cfg.kd_mask,
-        0.0 if prefix_mode else cfg.unlikelihood, path_mask, cfg.unlikelihood_items,
+        teacher_probs,
+        student_logits,
+        candidate_mask,
+        path,
+        cfg.tau,
+        cfg.alpha,
+        w,
+        cfg.kd_mask,
+        0.0 if prefix_mode else cfg.unlikelihood,
+        path_mask,
+        cfg.unlikelihood_items,
     )
     if prefix_mode and cfg.unlikelihood > 0:
         # The prefix-masked KD never sees the unmasked rows, where collapse lives; the
         # unlikelihood term on the teacher prefix is taken over the unmasked rows instead
         # (kd_loss with an all-zero q and alpha 0 is that term alone).
         ul, ul_parts = kd_loss(
-            torch.zeros_like(teacher_probs), student_logits, candidate_mask, path, cfg.tau, 0.0, w, "none",
-            cfg.unlikelihood, path_mask, cfg.unlikelihood_items,
+            torch.zeros_like(teacher_probs),
+            student_logits,
+            candidate_mask,
+            path,
+            cfg.tau,
+            0.0,
+            w,
+            "none",
+            cfg.unlikelihood,
+            path_mask,
+            cfg.unlikelihood_items,
         )
         loss = loss + ul
         parts["unlikelihood"] = ul_parts["unlikelihood"]
@@ -413,8 +434,19 @@ def distill_model(
 
     with clock("student"):
         fit(
-            student, splits.train, extras, distill_objective(cfg, teacher, L), _validator(splits, teacher, L, cfg.select_by),
-            save, cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase="student", report_to=report_to,
+            student,
+            splits.train,
+            extras,
+            distill_objective(cfg, teacher, L),
+            _validator(splits, teacher, L, cfg.select_by),
+            save,
+            cfg.optim,
+            run_dir,
+            cfg.seed,
+            resume=resume,
+            progress=progress,
+            phase="student",
+            report_to=report_to,
         )
     best = load_checkpoint(run_dir / "checkpoint")
     with clock("test"):

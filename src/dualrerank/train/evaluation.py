@@ -161,6 +161,7 @@ def click_scorer(model: Any) -> ClickScoreFn | None:
     from dualrerank.models.evaluator import ListEvaluator, eval_mode
 
     if isinstance(model, ListEvaluator):
+
         def evaluator_scores(batch: RerankBatch) -> torch.Tensor:
             # Absent positions may hold any index; clamped, they are only ever masked out.
             page = batch.logged_page.long().clamp(0, batch.num_candidates - 1)

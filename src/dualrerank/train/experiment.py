@@ -111,13 +111,32 @@ GENERATOR_ROWS: frozenset[str] = frozenset(
 )
 #: Figures of a summary row (mean, plus `<key>_std`), in table order.
 FIGURES: tuple[str, ...] = (
-    "normalized_utility", "utility", "ndcg@4", "ndcg@10", "ptar", "ptar@4", "exact_page", "collapse_rate",
-    "certified_ptar", "latency_ms_p50", "params", "mean_row_js", "certified_prefix",
+    "normalized_utility",
+    "utility",
+    "ndcg@4",
+    "ndcg@10",
+    "ptar",
+    "ptar@4",
+    "exact_page",
+    "collapse_rate",
+    "certified_ptar",
+    "latency_ms_p50",
+    "params",
+    "mean_row_js",
+    "certified_prefix",
 )
 _COUNTS = ("params",)
 _AGREEMENT_KEYS = (
-    "ptar", "ptar@4", "exact_page", "collapse_rate", "certified_ptar", "mean_row_js", "certified_prefix",
-    "certified_ptar@4", "mean_row_entropy", "teacher_margin",
+    "ptar",
+    "ptar@4",
+    "exact_page",
+    "collapse_rate",
+    "certified_ptar",
+    "mean_row_js",
+    "certified_prefix",
+    "certified_ptar@4",
+    "mean_row_entropy",
+    "teacher_margin",
 )
 #: Keys of the distilled runs' metrics.jsonl drawn over epochs, with the PNG each goes to.
 CURVE_PLOTS: dict[str, str] = {
@@ -138,8 +157,7 @@ class RowOverride:
     optim: dict[str, Any] = option(factory=dict, help="keys of the shared `optim` to change for this row")
     objective: dict[str, Any] = option(
         factory=dict,
-        help="keys of `objective` to change for this row (list generators trained on targets; not 'target', "
-        "which the row fixes)",
+        help="keys of `objective` to change for this row (list generators trained on targets; not 'target', which the row fixes)",
     )
     distill: dict[str, Any] = option(
         factory=dict, help="keys of `distill` to change for this row (nar_direct, student_skd; not 'soft', which the row fixes)"
@@ -180,6 +198,7 @@ class ExperimentConfig:
         "default to the shared ones",
     )
     latency_requests: int = option(50, "requests timed at batch size 1 in the student-vs-teacher latency line")
+
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in _ROWS]
         if unknown:
@@ -323,8 +342,12 @@ def _train_row(cfg: ExperimentConfig, row: str, seed: int, out: Path, splits: Sp
         from dualrerank.train.distill import distill_model
 
         return distill_model(
-            distill_config(cfg, row, seed), run_dir, run_dir_of(out, "teacher", seed),
-            overwrite=True, progress=progress, splits=splits,
+            distill_config(cfg, row, seed),
+            run_dir,
+            run_dir_of(out, "teacher", seed),
+            overwrite=True,
+            progress=progress,
+            splits=splits,
         )
     from dualrerank.train.supervised import train_model
 
@@ -356,8 +379,15 @@ def _log(message: str) -> None:
 
 
 def run_seed_rows(
-    cfg: ExperimentConfig, rows: Sequence[str], seed: int, out: Path, splits: Splits,
-    *, reuse: bool, progress: bool, counter: Callable[[], str],
+    cfg: ExperimentConfig,
+    rows: Sequence[str],
+    seed: int,
+    out: Path,
+    splits: Splits,
+    *,
+    reuse: bool,
+    progress: bool,
+    counter: Callable[[], str],
 ) -> dict[str, dict[str, Any]]:
     """Train (or reuse) each row for one seed; returns row -> test figures incl. agreement."""
     results: dict[str, dict[str, Any]] = {}
@@ -433,15 +463,10 @@ def _mean_curves(out: Path, row: str, seeds: Sequence[int]) -> list[dict[str, An
                 v = record.get(key)
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     slot.setdefault(key, []).append(float(v))
-    return [
-        {"epoch": e, **{k: sum(v) / len(v) for k, v in by_epoch[e].items()}}
-        for e in sorted(by_epoch)
-    ]
+    return [{"epoch": e, **{k: sum(v) / len(v) for k, v in by_epoch[e].items()}} for e in sorted(by_epoch)]
 
 
-def measure_latency(
-    out: Path, splits: Splits, seeds: Sequence[int], requests: int, rounds: int = 3
-) -> dict[str, Any] | None:
+def measure_latency(out: Path, splits: Splits, seeds: Sequence[int], requests: int, rounds: int = 3) -> dict[str, Any] | None:
     """Student (student_skd) vs teacher latency at batch size 1, timed in alternation
     (teacher, student, teacher, ...) so that load from other processes hits both alike;
     per seed the median over rounds of each p50. None without both checkpoints."""
@@ -492,14 +517,19 @@ def tree_comparison(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     scored = [r for r in trees if r.get(key) is not None]
     best = max(scored, key=lambda r: r[key])  # a tie keeps TREE_ROWS order
     out: dict[str, Any] = {
-        "key": key, "row": best["model"], "mean": best[key], "std": best.get(f"{key}_std"),
+        "key": key,
+        "row": best["model"],
+        "mean": best[key],
+        "std": best.get(f"{key}_std"),
         "others": {r["model"]: r[key] for r in scored if r is not best},
     }
     student = by.get("student_skd", {})
     if student.get(key) is not None:
         margin = max((v for v in (out["std"], student.get(f"{key}_std")) if v is not None), default=0.0)
         out.update(
-            student_skd=student[key], student_skd_std=student.get(f"{key}_std"), margin=margin,
+            student_skd=student[key],
+            student_skd_std=student.get(f"{key}_std"),
+            margin=margin,
             student_within_one_std_or_above=bool(student[key] >= best[key] - margin),
         )
     return out
@@ -586,7 +616,12 @@ def run_offline_experiment(
     commands = [command or default_command(out, None)]
     title = f"Offline experiment: {cfg.data.source}" + (f" ({cfg.data.path})" if cfg.data.path else "")
     summary = write_experiment_report(
-        out, summary_rows, curves, title=title, commands=commands, notes=_notes(summary_rows, latency),
+        out,
+        summary_rows,
+        curves,
+        title=title,
+        commands=commands,
+        notes=_notes(summary_rows, latency),
     )
     plots = list(summary["plots"])
     for key, name in CURVE_PLOTS.items():

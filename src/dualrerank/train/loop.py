@@ -48,19 +48,34 @@ class OptimConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
     patience: int = option(3, "stop after this many epochs without a better validation score", ge=1)
     lr_schedule: str = option(
-        "constant", "learning rate over training: constant, or cosine decay from lr to 0 over `epochs`",
+        "constant",
+        "learning rate over training: constant, or cosine decay from lr to 0 over `epochs`",
         choices=("constant", "cosine"),
     )
 
 
-def _snapshot(last: Path, model: nn.Module, opt: torch.optim.Optimizer, schedule: Any, gen: torch.Generator,
-              state: dict[str, Any], log: MetricsLog) -> None:
+def _snapshot(
+    last: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    schedule: Any,
+    gen: torch.Generator,
+    state: dict[str, Any],
+    log: MetricsLog,
+) -> None:
     # The loop state goes as JSON text (best_score may be -inf, which JSON-in-a-string keeps)
     # and the metrics log's length with it: resuming truncates the log to this length.
-    save_snapshot(last, {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-        "generator": gen.get_state(), "loop": json.dumps(state), "metrics_bytes": log.size(),
-    })
+    save_snapshot(
+        last,
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "schedule": schedule.state_dict(),
+            "generator": gen.get_state(),
+            "loop": json.dumps(state),
+            "metrics_bytes": log.size(),
+        },
+    )
 
 
 def phase_finished(run_dir: Path) -> bool:
@@ -99,7 +114,8 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt,
         (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-        if optim.lr_schedule == "cosine" else (lambda step: 1.0),
+        if optim.lr_schedule == "cosine"
+        else (lambda step: 1.0),
     )
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "finished": False}
     last = run_dir / "last.pt"
@@ -120,8 +136,7 @@ def fit(
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(
-                f"cannot resume from {last}: it does not match this run's model or optimizer ({first}); "
-                "was config.yaml edited?"
+                f"cannot resume from {last}: it does not match this run's model or optimizer ({first}); was config.yaml edited?"
             ) from None
     elif not resume:
         log.truncate(0)
@@ -161,7 +176,11 @@ def fit(
         model.eval()
         with torch.no_grad():
             val = validate(model)
-        record = {"epoch": epoch, "train_loss": total / max(count, 1), **{f"train_{k}": v / max(count, 1) for k, v in extra.items()}}
+        record = {
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            **{f"train_{k}": v / max(count, 1) for k, v in extra.items()},
+        }
         record.update({f"valid_{k}": v for k, v in val.items()})
         record["seconds"] = round(time.perf_counter() - t0, 3)
         improved = val["score"] > state["best_score"]
@@ -175,7 +194,9 @@ def fit(
         log.append(record)
         if progress:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val.items())
-            tqdm.write(f"{phase} epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr)
+            tqdm.write(
+                f"{phase} epoch {epoch}: train_loss={record['train_loss']:.4f} {shown}{' *' if improved else ''}", file=sys.stderr
+            )
         _snapshot(last, model, opt, schedule, gen, state, log)
     if not state["finished"]:
         # A run that ends (epochs done or early stop) says so, so that a resume of a run

@@ -52,7 +52,11 @@ def pair_labels(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
     if gain_columns(batch.label_names):
         shown = torch.zeros_like(batch.candidate_mask)
         if batch.logged_page is not None:
-            pm = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(batch.logged_page, dtype=torch.bool)
+            pm = (
+                batch.logged_page_mask
+                if batch.logged_page_mask is not None
+                else torch.ones_like(batch.logged_page, dtype=torch.bool)
+            )
             shown = _shown(batch.logged_page, pm, batch.num_candidates)
         shown = shown & batch.candidate_mask
         gain = realised_gain(batch.labels, batch.label_names, shown, field="labels", where=batch.request_name)

@@ -128,10 +128,12 @@ class OnlineConfig:
     group: int = option(8, "pages per request (G)", ge=2)
     temperature: float = option(1.0, "Gumbel-Max sampling temperature", gt=0)
     include_greedy: bool = option(True, "page 0 of every group is the student's greedy page")
-    exposure: str = option("one", "'one': users see one page per request (see show); 'all': every page gets feedback",
-                           choices=("one", "all"))
+    exposure: str = option(
+        "one", "'one': users see one page per request (see show); 'all': every page gets feedback", choices=("one", "all")
+    )
     show: str = option(
-        "sample", "exposure one: the page users see: 'greedy' (page 0, the student's greedy page) or 'sample' (a "
+        "sample",
+        "exposure one: the page users see: 'greedy' (page 0, the student's greedy page) or 'sample' (a "
         "Gumbel-Max sample: real feedback off the greedy path, so the evaluator learns where the policy explores)",
         choices=("greedy", "sample"),
     )
@@ -146,16 +148,20 @@ class OnlineConfig:
     scale_momentum: float = option(0.9, "EMA momentum of each dimension's stream scale", ge=0, lt=1)
     scale_warmup: int = option(10, "steps whose mean scale calibrates the weights (c_d = lambda_d s_d_ref)", ge=1)
     scale_jump: float = option(
-        10.0, "[ours] a dimension whose batch scale moves by more than this factor from its EMA is re-estimated at "
-        "once (a unit change), instead of being smoothed over tens of steps", gt=1,
+        10.0,
+        "[ours] a dimension whose batch scale moves by more than this factor from its EMA is re-estimated at "
+        "once (a unit change), instead of being smoothed over tens of steps",
+        gt=1,
     )
     teacher_lr: float = option(1e-4, "teacher learning rate on the served pages (0 = frozen teacher)", ge=0)
     evaluator_lr: float = option(1e-4, "evaluator learning rate on the exposures (0 = frozen)", ge=0)
     eval_every: int = option(10, "evaluate every this many steps (and at the last)", ge=1)
     eval_requests: int = option(200, "requests of the fixed evaluation set of each drift segment", ge=1)
     checkpoint_every: int = option(50, "snapshot every this many steps (resume point)", ge=1)
-    kd: DistillConfig = option(factory=DistillConfig, help="the KD anchor's loss settings (tau, alpha, unlikelihood, ...; "
-                               "its data/optim keys are unused here)")
+    kd: DistillConfig = option(
+        factory=DistillConfig,
+        help="the KD anchor's loss settings (tau, alpha, unlikelihood, ...; its data/optim keys are unused here)",
+    )
 
 
 # --------------------------------------------------------------------------- reward scale
@@ -257,6 +263,7 @@ def reward_system(cfg: OnlineConfig, evaluator: nn.Module, watch_per_long_view: 
         rules["watch_time"] = posterior("watch_time")
         rules["reformulate"] = posterior("reformulate")
     else:
+
         def watch(batch: RerankBatch, pages: torch.Tensor) -> torch.Tensor:
             ratio = watch_per_long_view.ema[0] if watch_per_long_view is not None else torch.tensor(float("nan"))
             return long_views(batch, pages) * (ratio if bool(torch.isfinite(ratio)) else 0.0)
@@ -406,7 +413,13 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
             state.scale.observe(_centred_scale(combined, valid)[:1].expand(state.scale.ema.shape[0]))
             stream = state.scale.ema[:1]
     adv, adiag = group_advantage(
-        rv.values, coef, valid, combine=preset.combine, scale=preset.scale, stream_scale=stream, batch_norm=preset.batch_norm,
+        rv.values,
+        coef,
+        valid,
+        combine=preset.combine,
+        scale=preset.scale,
+        stream_scale=stream,
+        batch_norm=preset.batch_norm,
     )
 
     lap("advantage")
@@ -446,7 +459,9 @@ def online_step(state: OnlineState, world: World, cfg: OnlineConfig) -> dict[str
     if state.teacher_opt is not None:
         state.teacher.train()
         extras = generator_extras(logged, logged_targets(logged, L, True))
-        tloss, _ = generator_objective(GeneratorObjectiveConfig(target="logged"), step_logits_fn("ar"))(state.teacher, logged, extras, gen)
+        tloss, _ = generator_objective(GeneratorObjectiveConfig(target="logged"), step_logits_fn("ar"))(
+            state.teacher, logged, extras, gen
+        )
         optimizer_step(state.teacher, state.teacher_opt, tloss, 1.0)
         state.teacher.eval()
         logs["teacher/loss"] = float(tloss.detach())
@@ -498,8 +513,12 @@ def _exposures(batch: RerankBatch, shown_pages: torch.Tensor, feedback: PageFeed
 
     per_pos = torch.stack([feedback.per_position[n][:, k] for n in FEEDBACK_NAMES], dim=-1)  # [B, L, 3]
     return dataclasses.replace(
-        batch, logged_page=shown_pages, logged_page_mask=torch.ones_like(shown_pages, dtype=torch.bool),
-        logged_feedback=per_pos, feedback_names=FEEDBACK_NAMES, propensity=None,
+        batch,
+        logged_page=shown_pages,
+        logged_page_mask=torch.ones_like(shown_pages, dtype=torch.bool),
+        logged_feedback=per_pos,
+        feedback_names=FEEDBACK_NAMES,
+        propensity=None,
     )
 
 
@@ -523,8 +542,9 @@ def _parts_from(from_dir: Path) -> tuple[nn.Module, nn.Module, nn.Module, str]:
     if not ev_dir.is_dir():
         raise ConfigError(f"--from {from_dir}: no evaluator at {ev_dir} (train the teacher with evaluator targets)")
     evaluator = load_checkpoint_of_kind(ev_dir, ("evaluator",), "a list-wise evaluator")
-    teacher_name = json.loads(((teacher_dir / "checkpoint" if (teacher_dir / "checkpoint").is_dir() else teacher_dir)
-                               / "config.json").read_text())["model"]
+    teacher_name = json.loads(
+        ((teacher_dir / "checkpoint" if (teacher_dir / "checkpoint").is_dir() else teacher_dir) / "config.json").read_text()
+    )["model"]
     return student, teacher, evaluator, teacher_name
 
 
@@ -548,15 +568,22 @@ def bootstrap(cfg: OnlineConfig, directory: Path, progress: bool = True) -> Path
 
 
 def _snapshot(path: Path, state: OnlineState, log: MetricsLog) -> None:
-    save_snapshot(path, {
-        "student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
-        "evaluator": state.evaluator.state_dict(), "reference": state.reference.state_dict(),
-        "student_opt": state.student_opt.state_dict(),
-        "teacher_opt": state.teacher_opt.state_dict() if state.teacher_opt else {},
-        "evaluator_opt": state.evaluator_opt.state_dict() if state.evaluator_opt else {},
-        "scale": state.scale.state(), "watch_ratio": state.watch_ratio.state(), "step": state.step,
-        "metrics_bytes": log.size(),
-    })
+    save_snapshot(
+        path,
+        {
+            "student": state.student.state_dict(),
+            "teacher": state.teacher.state_dict(),
+            "evaluator": state.evaluator.state_dict(),
+            "reference": state.reference.state_dict(),
+            "student_opt": state.student_opt.state_dict(),
+            "teacher_opt": state.teacher_opt.state_dict() if state.teacher_opt else {},
+            "evaluator_opt": state.evaluator_opt.state_dict() if state.evaluator_opt else {},
+            "scale": state.scale.state(),
+            "watch_ratio": state.watch_ratio.state(),
+            "step": state.step,
+            "metrics_bytes": log.size(),
+        },
+    )
 
 
 def run_online(
@@ -583,7 +610,10 @@ def run_online(
     reference = copy.deepcopy(student).requires_grad_(False)
     D = len(reward_system(cfg, evaluator).names)
     state = OnlineState(
-        student=student, teacher=teacher, evaluator=evaluator, reference=reference,
+        student=student,
+        teacher=teacher,
+        evaluator=evaluator,
+        reference=reference,
         student_opt=torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0),
         teacher_opt=torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr) if cfg.teacher_lr > 0 else None,
         evaluator_opt=torch.optim.AdamW(evaluator.parameters(), lr=cfg.evaluator_lr) if cfg.evaluator_lr > 0 else None,

@@ -59,7 +59,10 @@ class OnlineExperimentConfig:
 
 
 def _events(base: WorldConfig, stream: StreamConfig) -> list[float]:
-    return sorted({float(e.step) for e in list(base.drift) + list(stream.drift)} | {float(c.step) for c in stream.weight_schedule if c.step > 0})
+    return sorted(
+        {float(e.step) for e in list(base.drift) + list(stream.drift)}
+        | {float(c.step) for c in stream.weight_schedule if c.step > 0}
+    )
 
 
 def curve_figures(steps: list[int], values: list[float], shifts: list[float], window: int) -> dict[str, Any]:
@@ -85,8 +88,12 @@ def curve_figures(steps: list[int], values: list[float], shifts: list[float], wi
         goal = level - 0.1 * abs(level)
         back = next((x for x, y in after if y >= goal), None)
         recovery.append(None if back is None else float(back - shift))
-    return {"final_normalized_utility": final, "auc_normalized_utility": statistics.fmean(ys), "steps_to_90pct": to90,
-            "recovery_steps": recovery}
+    return {
+        "final_normalized_utility": final,
+        "auc_normalized_utility": statistics.fmean(ys),
+        "steps_to_90pct": to90,
+        "recovery_steps": recovery,
+    }
 
 
 def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
@@ -133,7 +140,10 @@ def run_online_experiment(
             for seed in cfg.seeds:
                 run_dir = out / "runs" / stream_name / method / f"seed{seed}"
                 ocfg = dataclasses.replace(
-                    cfg.online, method=method, seed=seed, world=str(world_path),
+                    cfg.online,
+                    method=method,
+                    seed=seed,
+                    world=str(world_path),
                     lr=cfg.lr.get(method, cfg.online.lr),
                     weight_schedule=list(cfg.online.weight_schedule) + list(stream.weight_schedule),
                     exposure=stream.exposure or cfg.online.exposure,
@@ -160,7 +170,8 @@ def run_online_experiment(
             n_shifts = len(marks[stream_name])
             # A shift after which any seed never recovered counts as never (null).
             fig["recovery_steps"] = [
-                None if any(p["recovery_steps"][i] is None for p in per_seed)
+                None
+                if any(p["recovery_steps"][i] is None for p in per_seed)
                 else _mean_std([p["recovery_steps"][i] for p in per_seed])[0]
                 for i in range(n_shifts)
             ]
@@ -168,12 +179,19 @@ def run_online_experiment(
             methods[method][stream_name] = fig
             all_steps = sorted(set().union(*[set(s) for s in series])) if series else []
             curves[stream_name][method] = [
-                {"step": s, "normalized_utility": _mean_std([d.get(s) for d in series])[0],
-                 "normalized_utility_std": _mean_std([d.get(s) for d in series])[1]}
+                {
+                    "step": s,
+                    "normalized_utility": _mean_std([d.get(s) for d in series])[0],
+                    "normalized_utility_std": _mean_std([d.get(s) for d in series])[1],
+                }
                 for s in all_steps
             ]
-    summary = {"methods": methods, "references": references, "streams": {k: to_dict(v) for k, v in cfg.streams.items()},
-               "seconds": timing}
+    summary = {
+        "methods": methods,
+        "references": references,
+        "streams": {k: to_dict(v) for k, v in cfg.streams.items()},
+        "seconds": timing,
+    }
     title = "Online experiment: " + ", ".join(cfg.methods)
     notes = [f"{len(cfg.seeds)} seed(s) per method and stream; the student, teacher and evaluator start from {from_dir}."]
     return write_online_report(out, summary, curves, marks, title=title, commands=[command] if command else [], notes=notes)

@@ -109,8 +109,10 @@ _F = torch.float64
 ESTIMATORS: dict[str, tuple[str, str]] = {
     "ips": ("whole-page IPS", "logged page propensities; breaks when the target's page is (almost) never logged"),
     "snips": ("self-normalised whole-page IPS", "as ips; undefined without a logged page equal to the target's"),
-    "pi": ("pseudo-inverse, per-position form (item-position marginals)",
-           "the reward at position t depends only on (t, item): no effect of the items above"),
+    "pi": (
+        "pseudo-inverse, per-position form (item-position marginals)",
+        "the reward at position t depends only on (t, item): no effect of the items above",
+    ),
     "dm": ("direct method (learned evaluator)", "the evaluator is right on the target's pages"),
     "dr": ("doubly robust, whole-page weights", "propensities right, or the evaluator right; = dm without matches"),
     "pi_dr": ("doubly robust, item-position marginal weights", "the evaluator's error at position t depends only on (t, item)"),
@@ -128,35 +130,48 @@ DEFAULT_REQUESTS = 10_000
 class OpeDataConfig:
     """The logs to evaluate on."""
 
-    source: str | None = option(None, "data source: synthetic, letor or mind (default: the policy run's)",
-                                choices=(None, *SPLIT_SOURCES))
-    path: str | None = option(None, "synthetic: a world YAML or a 'simulate --out' folder; letor/mind: the data "
-                              "(default: the policy run's when the source is the run's)")
-    world_seed: int | None = option(None, "synthetic, generated world: the world's seed (default: the policy run's "
-                                    "data seed, i.e. the world it was trained on; else 0)")
-    num_requests: int | None = option(None, "synthetic: logged requests to draw (default 10,000), or the first N of a "
-                                      "'simulate --out' folder (default: all)", ge=1)
+    source: str | None = option(
+        None, "data source: synthetic, letor or mind (default: the policy run's)", choices=(None, *SPLIT_SOURCES)
+    )
+    path: str | None = option(
+        None,
+        "synthetic: a world YAML or a 'simulate --out' folder; letor/mind: the data "
+        "(default: the policy run's when the source is the run's)",
+    )
+    world_seed: int | None = option(
+        None,
+        "synthetic, generated world: the world's seed (default: the policy run's "
+        "data seed, i.e. the world it was trained on; else 0)",
+    )
+    num_requests: int | None = option(
+        None,
+        "synthetic: logged requests to draw (default 10,000), or the first N of a 'simulate --out' folder (default: all)",
+        ge=1,
+    )
 
 
 @dataclass
 class OpeConfig:
     """`dualrerank ope`: estimators, reward weights and intervals."""
 
-    seed: int = option(0, "seed of the logs of a generated world (drawn with seed + 3,000,003), of the Monte-Carlo "
-                       "marginals and of the bootstrap")
+    seed: int = option(
+        0,
+        "seed of the logs of a generated world (drawn with seed + 3,000,003), of the Monte-Carlo marginals and of the bootstrap",
+    )
     data: OpeDataConfig = option(factory=OpeDataConfig, help="the logs")
     click_weight: float = option(1.0, "reward per click event (world default: utility.weight_click)", ge=0)
     long_view_weight: float = option(1.0, "reward per long-view event (world default: utility.weight_long_view)", ge=0)
-    estimators: list[str] = option(help="estimators to run, in this order (any of ips, snips, pi, dm, dr, pi_dr, "
-                                   "cascade_dr, cascade_sndr)", factory=lambda: list(ESTIMATORS))
-    interval: str = option("normal", "confidence interval: normal (delta method) or bootstrap (scipy, percentile)",
-                           choices=("normal", "bootstrap"))
+    estimators: list[str] = option(
+        help="estimators to run, in this order (any of ips, snips, pi, dm, dr, pi_dr, cascade_dr, cascade_sndr)",
+        factory=lambda: list(ESTIMATORS),
+    )
+    interval: str = option(
+        "normal", "confidence interval: normal (delta method) or bootstrap (scipy, percentile)", choices=("normal", "bootstrap")
+    )
     level: float = option(0.95, "confidence level of the intervals", gt=0, lt=1)
     bootstrap_resamples: int = option(1000, "bootstrap resamples (interval: bootstrap)", ge=10)
-    marginal_samples: int = option(256, "Plackett-Luce samples per request for the item-position marginals (pi, pi_dr)",
-                                   ge=1)
-    chunk_size: int = option(1024, "requests per chunk of policy decoding, evaluator calls and marginals (memory bound)",
-                             ge=1)
+    marginal_samples: int = option(256, "Plackett-Luce samples per request for the item-position marginals (pi, pi_dr)", ge=1)
+    chunk_size: int = option(1024, "requests per chunk of policy decoding, evaluator calls and marginals (memory bound)", ge=1)
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.estimators if e not in ESTIMATORS]
@@ -227,8 +242,7 @@ class LoggingPolicy:
         """`[B]` probability of whole pages `[B, L]` (what the logs' `propensity` holds)."""
         return self.prefix_log_prob(pages)[:, -1].exp()
 
-    def position_marginals(self, items: torch.Tensor, samples: int, generator: torch.Generator,
-                           block: int = 64) -> torch.Tensor:
+    def position_marginals(self, items: torch.Tensor, samples: int, generator: torch.Generator, block: int = 64) -> torch.Tensor:
         """`[B, K, L]` P(item `items[b, k, t]` at position t) under the policy.
 
         Exact for the uniform part (1 / valid candidates). The Plackett-Luce part is a
@@ -361,8 +375,9 @@ def weight_stats(weight: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def interval(terms: Terms, level: float, method: str = "normal", *, resamples: int = 1000,
-             seed: int = 0) -> tuple[float, float, float]:
+def interval(
+    terms: Terms, level: float, method: str = "normal", *, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """(standard error, low, high) of the estimate of `terms` at confidence `level`:
     `normal` from the influence terms; `bootstrap` with scipy.stats.bootstrap (percentile,
     requests resampled with their terms paired)."""
@@ -389,8 +404,17 @@ def interval(terms: Terms, level: float, method: str = "normal", *, resamples: i
 
     # Memory of one vectorised batch: resamples x B x arrays floats; keep it near 2e7.
     batch = max(1, int(2e7 // max(1, B * len(data))))
-    res = stats.bootstrap(data, statistic, n_resamples=resamples, confidence_level=level, method="percentile",
-                          paired=True, vectorized=True, batch=batch, random_state=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        data,
+        statistic,
+        n_resamples=resamples,
+        confidence_level=level,
+        method="percentile",
+        paired=True,
+        vectorized=True,
+        batch=batch,
+        random_state=np.random.default_rng(seed),
+    )
     return se, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -447,13 +471,21 @@ def deterministic_inputs(
         if prob is None:
             return None
         if bool((match & ~(prob > 0)).any()):
-            raise DataError("marginals: a logged item equal to the target's has logging probability 0 (raise "
-                            "marginal_samples, or the logs do not come from this logging policy)")
+            raise DataError(
+                "marginals: a logged item equal to the target's has logging probability 0 (raise "
+                "marginal_samples, or the logs do not come from this logging policy)"
+            )
         return torch.where(match, 1.0 / prob.to(_F).clamp_min(torch.finfo(_F).tiny), torch.zeros(match.shape, dtype=_F))
 
     prefix = same.long().cumprod(1).bool()
-    return OpeInputs(reward=reward.to(_F), page_weight=page_weight, position_weight=weigh(same, marginals),
-                     prefix_weight=weigh(prefix, prefix_prob), value=value, predicted=predicted)
+    return OpeInputs(
+        reward=reward.to(_F),
+        page_weight=page_weight,
+        position_weight=weigh(same, marginals),
+        prefix_weight=weigh(prefix, prefix_prob),
+        value=value,
+        predicted=predicted,
+    )
 
 
 def _terms_of(name: str, x: OpeInputs) -> tuple[Terms | None, torch.Tensor | None, str | None]:
@@ -488,16 +520,26 @@ def _terms_of(name: str, x: OpeInputs) -> tuple[Terms | None, torch.Tensor | Non
 
 
 _NO_SUPPORT = {
-    "ips": "no logged page equals the target's", "snips": "no logged page equals the target's",
-    "dr": "no logged page equals the target's", "pi": "no logged item sits where the target puts it",
-    "pi_dr": "no logged item sits where the target puts it", "cascade_dr": "no logged page starts with the target's first item",
+    "ips": "no logged page equals the target's",
+    "snips": "no logged page equals the target's",
+    "dr": "no logged page equals the target's",
+    "pi": "no logged item sits where the target puts it",
+    "pi_dr": "no logged item sits where the target puts it",
+    "cascade_dr": "no logged page starts with the target's first item",
     "cascade_sndr": "no logged page starts with the target's first item",
 }
 
 
-def estimate_all(x: OpeInputs, names: list[str] | tuple[str, ...] = tuple(ESTIMATORS), *, level: float = 0.95,
-                 method: str = "normal", resamples: int = 1000, seed: int = 0,
-                 truth: float | None = None) -> dict[str, dict[str, Any]]:
+def estimate_all(
+    x: OpeInputs,
+    names: list[str] | tuple[str, ...] = tuple(ESTIMATORS),
+    *,
+    level: float = 0.95,
+    method: str = "normal",
+    resamples: int = 1000,
+    seed: int = 0,
+    truth: float | None = None,
+) -> dict[str, dict[str, Any]]:
     """Every estimator in `names`: `{name: {status, reason, estimate, se, ci_low, ci_high,
     ess, ess_share, ess_by_position, weight_max, nonzero_share, error, covered}}` (error and
     covered only with `truth`; an estimator that cannot run has status 'not run' and a reason)."""
@@ -516,8 +558,12 @@ def estimate_all(x: OpeInputs, names: list[str] | tuple[str, ...] = tuple(ESTIMA
                 # The estimator still has a value (0, or dm's for the DR forms) but no logged
                 # page supports it: say so instead of showing a confident zero-width interval.
                 rec["status"] = "no support"
-                rec["reason"] = (_NO_SUPPORT[name] + ": the value is "
-                                 + ("dm's" if name in ("dr", "pi_dr", "cascade_dr", "cascade_sndr") else "0") + ", not an estimate")
+                rec["reason"] = (
+                    _NO_SUPPORT[name]
+                    + ": the value is "
+                    + ("dm's" if name in ("dr", "pi_dr", "cascade_dr", "cascade_sndr") else "0")
+                    + ", not an estimate"
+                )
         out[name] = rec
     return out
 
@@ -598,22 +644,33 @@ def _load_logs(cfg: OpeConfig, run_data: Mapping[str, Any] | None) -> _Logs:
     world_seed = d.world_seed if d.world_seed is not None else int(run_data.get("seed", 0) or 0) if same_source else 0
     world = World(world_cfg, seed=world_seed)
     logs = simulate_logs(world, d.num_requests or DEFAULT_REQUESTS, cfg.seed + LOG_SEED_OFFSET)
-    return _Logs(logs.batch, world, logs.state, {"source": source, "path": str(p) if p else None,
-                                                 "world_seed": world_seed, "logs_seed": cfg.seed + LOG_SEED_OFFSET})
+    return _Logs(
+        logs.batch,
+        world,
+        logs.state,
+        {"source": source, "path": str(p) if p else None, "world_seed": world_seed, "logs_seed": cfg.seed + LOG_SEED_OFFSET},
+    )
 
 
 def _check_logs(batch: RerankBatch, source: str) -> int:
     """The logged page length L, or a one-line DataError naming what OPE needs and the logs lack."""
-    missing = [name for name, value in (("logged_page", batch.logged_page), ("logged_feedback or labels",
-               batch.logged_feedback if batch.logged_feedback is not None else batch.labels),
-               ("propensity", batch.propensity)) if value is None]
+    missing = [
+        name
+        for name, value in (
+            ("logged_page", batch.logged_page),
+            ("logged_feedback or labels", batch.logged_feedback if batch.logged_feedback is not None else batch.labels),
+            ("propensity", batch.propensity),
+        )
+        if value is None
+    ]
     if missing:
-        raise DataError(f"{source} logs carry no {' and no '.join(missing)}: off-policy evaluation needs each logged "
-                        "page's probability under the logging policy (RerankBatch.propensity) with the page and its "
-                        "feedback (docs/evaluation.md)")
+        raise DataError(
+            f"{source} logs carry no {' and no '.join(missing)}: off-policy evaluation needs each logged "
+            "page's probability under the logging policy (RerankBatch.propensity) with the page and its "
+            "feedback (docs/evaluation.md)"
+        )
     if not bool(batch.logged_page_mask.all()):
-        raise DataError("logged_page_mask: some logged pages are shorter than others; ope compares whole pages of one "
-                        "length L")
+        raise DataError("logged_page_mask: some logged pages are shorter than others; ope compares whole pages of one length L")
     return int(batch.logged_page.shape[1])
 
 
@@ -623,8 +680,9 @@ def _reward(batch: RerankBatch, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(pmask, events.to(_F) @ weights, torch.zeros(pmask.shape, dtype=_F))
 
 
-def _predict(evaluator: Any, batch: RerankBatch, pages: torch.Tensor, weights: torch.Tensor, chunk: int,
-             progress: bool) -> torch.Tensor:
+def _predict(
+    evaluator: Any, batch: RerankBatch, pages: torch.Tensor, weights: torch.Tensor, chunk: int, progress: bool
+) -> torch.Tensor:
     """`[B, G, L]` the evaluator's predicted reward per position of pages `[B, G, L]`
     (one encoder call per request for its G pages)."""
     out = []
@@ -659,8 +717,10 @@ def _logging_policy(world: Any, batch: RerankBatch) -> tuple[LoggingPolicy | Non
     floor = torch.finfo(torch.float32).tiny
     rel = ((again.clamp_min(floor) - logged).abs() / logged).max()
     if not bool(rel <= 1e-4):
-        return None, (f"the world's logging policy does not reproduce the logged propensities (relative error "
-                      f"{float(rel):.2g}): the logs come from another policy")
+        return None, (
+            f"the world's logging policy does not reproduce the logged propensities (relative error "
+            f"{float(rel):.2g}): the logs come from another policy"
+        )
     return policy, None
 
 
@@ -670,9 +730,17 @@ def _truth(world: Any, state: Any, pages: torch.Tensor, weights: torch.Tensor) -
     return (exp.click.to(_F) * weights[0] + exp.long_view.to(_F) * weights[1]).sum(-1)
 
 
-def run_ope(cfg: OpeConfig, policy: str | Path, out: str | Path, *, evaluator: str | Path | None = None,
-            run_data: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
-            command: str | None = None) -> dict[str, Any]:
+def run_ope(
+    cfg: OpeConfig,
+    policy: str | Path,
+    out: str | Path,
+    *,
+    evaluator: str | Path | None = None,
+    run_data: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
     """Estimate the page reward of the reranker in `policy` (a run directory or checkpoint)
     from the logs `cfg.data` names; write config.yaml, summary.json and report.md into `out`.
     `run_data` is the policy run's `data:` section (its source, path and data seed fill
@@ -687,8 +755,9 @@ def run_ope(cfg: OpeConfig, policy: str | Path, out: str | Path, *, evaluator: s
     ev_dir = _evaluator_dir(policy, evaluator)
     reads = [policy] + ([ev_dir] if ev_dir is not None else [])
     if (out / "summary.json").exists() and not overwrite:
-        raise ConfigError(f"--out {out} already holds an evaluation (summary.json); pass --overwrite to replace it, "
-                          "or choose another directory")
+        raise ConfigError(
+            f"--out {out} already holds an evaluation (summary.json); pass --overwrite to replace it, or choose another directory"
+        )
     logs = _load_logs(cfg, run_data)
     source = logs.description.get("source", "synthetic")
     L = _check_logs(logs.batch, source)
@@ -722,12 +791,16 @@ def run_ope(cfg: OpeConfig, policy: str | Path, out: str | Path, *, evaluator: s
             g = torch.Generator().manual_seed(cfg.seed)
             parts = []
             for s in _chunks(B, cfg.chunk_size, progress, "marginals"):
-                sub = LoggingPolicy(logging_policy.logits[s : s + cfg.chunk_size], logging_policy.mask[s : s + cfg.chunk_size],
-                                    logging_policy.uniform_share)
+                sub = LoggingPolicy(
+                    logging_policy.logits[s : s + cfg.chunk_size],
+                    logging_policy.mask[s : s + cfg.chunk_size],
+                    logging_policy.uniform_share,
+                )
                 parts.append(sub.position_marginals(pages[s : s + cfg.chunk_size].unsqueeze(1), cfg.marginal_samples, g)[:, 0])
             marginals = torch.cat(parts)
-    x = deterministic_inputs(pages, logged, batch.propensity, reward, marginals=marginals, prefix_prob=prefix,
-                             value=value, predicted=predicted)
+    x = deterministic_inputs(
+        pages, logged, batch.propensity, reward, marginals=marginals, prefix_prob=prefix, value=value, predicted=predicted
+    )
     if why is not None:
         x.position_reason = x.prefix_reason = f"needs the logging policy's item-position marginals / prefix propensities; {why}"
     x.model_reason = model_reason
@@ -735,14 +808,16 @@ def run_ope(cfg: OpeConfig, policy: str | Path, out: str | Path, *, evaluator: s
     truth = None
     if logs.world is not None and logs.state is not None:
         truth = float(_truth(logs.world, logs.state, pages, weights).mean())
-    estimates = estimate_all(x, cfg.estimators, level=cfg.level, method=cfg.interval, resamples=cfg.bootstrap_resamples,
-                             seed=cfg.seed, truth=truth)
+    estimates = estimate_all(
+        x, cfg.estimators, level=cfg.level, method=cfg.interval, resamples=cfg.bootstrap_resamples, seed=cfg.seed, truth=truth
+    )
     matches = int((logged == pages).all(1).sum())
     notes = [
         f"{matches:,} of {B:,} logged pages equal the policy's page of {L} positions; whole-page estimators (ips, snips, dr) "
         "need such matches, which become rare as pages get longer.",
-        f"logged prefixes equal to the policy's, by depth: " + ", ".join(
-            f"{t + 1}: {int(c):,}" for t, c in enumerate((logged == pages).long().cumprod(1).sum(0)) if t < 6) + " ...",
+        f"logged prefixes equal to the policy's, by depth: "
+        + ", ".join(f"{t + 1}: {int(c):,}" for t, c in enumerate((logged == pages).long().cumprod(1).sum(0)) if t < 6)
+        + " ...",
     ]
     if why is not None:
         notes.append(f"pi, pi_dr, cascade_dr, cascade_sndr: {why}")
@@ -763,5 +838,6 @@ def run_ope(cfg: OpeConfig, policy: str | Path, out: str | Path, *, evaluator: s
         "elapsed_seconds": time.perf_counter() - started,
         "config": to_dict(cfg),
     }
-    return write_ope_report(out, summary, {k: v for k, v in ESTIMATORS.items() if k in cfg.estimators},
-                            level=cfg.level, interval_method=cfg.interval)
+    return write_ope_report(
+        out, summary, {k: v for k, v in ESTIMATORS.items() if k in cfg.estimators}, level=cfg.level, interval_method=cfg.interval
+    )

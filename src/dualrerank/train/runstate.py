@@ -52,8 +52,19 @@ REPORT_TO = ("none", "tensorboard")
 
 # What a finished or interrupted run leaves in its directory; `--overwrite` removes these.
 RUN_FILES = (
-    "config.yaml", "metrics.jsonl", "last.pt", "checkpoint", "eval.json", "report.md", "curves.png",
-    "evaluator", "targets.pt", "tensorboard", "online.pt", "student", "teacher",
+    "config.yaml",
+    "metrics.jsonl",
+    "last.pt",
+    "checkpoint",
+    "eval.json",
+    "report.md",
+    "curves.png",
+    "evaluator",
+    "targets.pt",
+    "tensorboard",
+    "online.pt",
+    "student",
+    "teacher",
 )
 # A directory holding any of these holds a run's work (a lone config.yaml is a run that
 # failed before its first epoch: nothing to lose, so it does not block a new start).
@@ -190,8 +201,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("--report-to tensorboard needs the tensorboard package: "
-                                  "pip install 'dualrerank[tensorboard]'") from None
+                raise ConfigError(
+                    "--report-to tensorboard needs the tensorboard package: pip install 'dualrerank[tensorboard]'"
+                ) from None
             # Event files beside metrics.jsonl: `tensorboard --logdir RUN` shows every run.
             self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 

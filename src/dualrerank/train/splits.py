@@ -51,8 +51,9 @@ class SplitConfig:
     )
     seed: int = option(0, "seed of the data (world, requests, logs, random splits), kept apart from the run's seed")
     train_requests: int | None = option(
-        None, "synthetic: logged requests to train on (null: 8000 generated, or every request of a 'simulate --out' "
-        "folder; a folder holding fewer than asked is refused)"
+        None,
+        "synthetic: logged requests to train on (null: 8000 generated, or every request of a 'simulate --out' "
+        "folder; a folder holding fewer than asked is refused)",
     )
     valid_requests: int = option(1000, "synthetic: held-out requests for validation each epoch")
     test_requests: int = option(2000, "synthetic: held-out requests for the final test")
@@ -127,8 +128,10 @@ def hash_split(ids: tuple[str, ...], valid_share: float, test_share: float) -> t
     depends on its id alone, so it never changes with a seed, the file's order or its size."""
     # blake2b of the id -> a uniform number in [0, 1); 8 bytes are plenty for the shares.
     u = torch.tensor(
-        [int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=b"dr-split").digest(), "big") / 2**64
-         for i in ids],
+        [
+            int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8, person=b"dr-split").digest(), "big") / 2**64
+            for i in ids
+        ],
         dtype=torch.float64,
     )
     test = u < test_share
@@ -147,8 +150,10 @@ def _mind(cfg: SplitConfig) -> Splits:
     train, valid, test = hash_split(ids, cfg.valid_share, cfg.test_share)
     for name, idx in (("train", train), ("valid", valid), ("test", test)):
         if idx.numel() == 0:
-            raise ConfigError(f"data: the {name} split of {cfg.path} is empty ({batch.batch_size} impressions); "
-                              "use more impressions or larger shares")
+            raise ConfigError(
+                f"data: the {name} split of {cfg.path} is empty ({batch.batch_size} impressions); "
+                "use more impressions or larger shares"
+            )
     return Splits(
         train=batch.select(train).trim(),
         valid=EvalSplit(batch.select(valid).trim(), name="valid"),
@@ -167,8 +172,9 @@ def _parquet(cfg: SplitConfig) -> Splits:
     train, valid, test = hash_split(batch.request_ids, cfg.valid_share, cfg.test_share)
     for name, idx in (("train", train), ("valid", valid), ("test", test)):
         if idx.numel() == 0:
-            raise ConfigError(f"data: the {name} split of {cfg.path} is empty ({batch.batch_size} requests); "
-                              "use more requests or larger shares")
+            raise ConfigError(
+                f"data: the {name} split of {cfg.path} is empty ({batch.batch_size} requests); use more requests or larger shares"
+            )
     return Splits(
         train=batch.select(train).trim(),
         valid=EvalSplit(batch.select(valid).trim(), name="valid"),

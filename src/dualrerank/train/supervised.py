@@ -43,7 +43,9 @@ from dualrerank.train.targets import Targets, logged_targets
 @dataclass
 class TrainConfig:
     seed: int = option(0, "seed of model initialisation and minibatch order")
-    model: str = option("teacher", "registered model name (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, catboost, upstream)")
+    model: str = option(
+        "teacher", "registered model name (teacher, seq2slate, nar, evaluator, dnn, prm, lambdamart, catboost, upstream)"
+    )
     data: SplitConfig = option(factory=SplitConfig, help="data source and splits")
     optim: OptimConfig = option(factory=OptimConfig, help="optimiser and early stopping")
     objective: GeneratorObjectiveConfig = option(factory=GeneratorObjectiveConfig, help="list-generator objective and targets")
@@ -128,7 +130,9 @@ def _save(name: str) -> Callable[[Any, Path, dict], None]:
     return save
 
 
-def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: bool, resume: bool, report_to: str = "none") -> Any:
+def _train_evaluator(
+    cfg: TrainConfig, splits: Splits, run_dir: Path, progress: bool, resume: bool, report_to: str = "none"
+) -> Any:
     """The evaluator phase of a run with 'evaluator' targets, in `RUN/evaluator/`; a resume
     continues it where it stopped, or skips it when it had finished."""
     ev_dir = run_dir / "evaluator"
@@ -138,9 +142,18 @@ def _train_evaluator(cfg: TrainConfig, splits: Splits, run_dir: Path, progress: 
     ev_cfg = dataclasses.replace(cfg, model="evaluator", model_config=cfg.evaluator_config)
     dump_config(ev_cfg, ev_dir / "config.yaml")
     fit(
-        model, splits.train, {}, own_loss_objective,
+        model,
+        splits.train,
+        {},
+        own_loss_objective,
         lambda m: validation_score(m, splits.valid, splits.page_length),
-        _save("evaluator"), cfg.evaluator_optim, ev_dir, cfg.seed, resume=resume, progress=progress, phase="evaluator",
+        _save("evaluator"),
+        cfg.evaluator_optim,
+        ev_dir,
+        cfg.seed,
+        resume=resume,
+        progress=progress,
+        phase="evaluator",
         report_to=report_to,
     )
     return load_checkpoint(ev_dir / "checkpoint")
@@ -197,12 +210,14 @@ def train_model(
             if objective_cfg.target == "evaluator":
                 with clock("evaluator"):
                     evaluator = (
-                        load_checkpoint(evaluator_dir) if evaluator_dir is not None
+                        load_checkpoint(evaluator_dir)
+                        if evaluator_dir is not None
                         else _train_evaluator(cfg, splits, run_dir, progress, resume, report_to)
                     )
                 with clock("evaluator_targets"):
                     targets = _cached_targets(
-                        run_dir / "targets.pt", resume,
+                        run_dir / "targets.pt",
+                        resume,
                         lambda: evaluator_targets(evaluator, splits.train, L, objective_cfg.evaluator_beam, progress=progress),
                     )
             else:
@@ -211,9 +226,18 @@ def train_model(
             objective = generator_objective(objective_cfg, step_logits_fn(spec.kind))
         with clock(cfg.model):
             fit(
-                model, splits.train, extras, objective,
+                model,
+                splits.train,
+                extras,
+                objective,
                 lambda m: validation_score(m, splits.valid, L),
-                _save(cfg.model), cfg.optim, run_dir, cfg.seed, resume=resume, progress=progress, phase=cfg.model,
+                _save(cfg.model),
+                cfg.optim,
+                run_dir,
+                cfg.seed,
+                resume=resume,
+                progress=progress,
+                phase=cfg.model,
                 report_to=report_to,
             )
     best = load_checkpoint(run_dir / "checkpoint")
