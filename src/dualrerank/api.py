@@ -37,7 +37,7 @@ class DualReranker:
             model.eval()
 
     @classmethod
-    def load(cls, path: str | Path) -> "DualReranker":
+    def load(cls, path: str | Path) -> DualReranker:
         from dualrerank.models.checkpoint import load_checkpoint, read_checkpoint_info
 
         directory = resolve_checkpoint(path)

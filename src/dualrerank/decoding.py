@@ -23,7 +23,8 @@ Loops run over positions or beam steps only, never over requests.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -19,9 +19,10 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dualrerank.config import dump_config, from_dict, merge_dicts, option, to_dict
 from dualrerank.files import write_json

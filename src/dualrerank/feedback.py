@@ -39,7 +39,7 @@ view = label >= a threshold).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -254,7 +254,8 @@ def kd_loss(
     B, L, n = student_logits.shape
     if teacher_probs.shape != student_logits.shape or tuple(target.shape) != (B, L):
         raise ValueError(
-            f"kd_loss: shapes disagree: teacher {tuple(teacher_probs.shape)}, student {tuple(student_logits.shape)}, target {tuple(target.shape)}"
+            f"kd_loss: shapes disagree: teacher {tuple(teacher_probs.shape)}, student {tuple(student_logits.shape)}, "
+            f"target {tuple(target.shape)}"
         )
     tmask = torch.ones(B, L, dtype=torch.bool, device=target.device) if target_mask is None else target_mask
     w = (torch.full((L,), 1.0 / L) if position_weights is None else position_weights).to(student_logits)

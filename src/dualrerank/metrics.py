@@ -79,21 +79,48 @@ __all__ = [
 #: Figures of a model on a split: eval.json, `evaluate --json`, summary.json rows and
 #: per_seed; figures computed every epoch also appear as `valid_<figure>` in metrics.jsonl.
 FIGURES: dict[str, str] = {
-    "utility": "mean exact expected utility of the served pages under the world's user model, in world units (splits with a world)",
-    "normalized_utility": "utility on a scale where a random page is 0 and the beam-search oracle 1, ratio of sums over the requests; below 0 is worse than random",
-    "ndcg@4": "NDCG@4 of the served pages against graded labels (LETOR/MSLR), or clicks where no world scores pages (MIND): gain 2^rel - 1, log2 discount",
+    "utility": (
+        "mean exact expected utility of the served pages under the world's user model, in world units (splits with a world)"
+    ),
+    "normalized_utility": (
+        "utility on a scale where a random page is 0 and the beam-search oracle 1, ratio of sums over the requests; below 0 is "
+        "worse than random"
+    ),
+    "ndcg@4": (
+        "NDCG@4 of the served pages against graded labels (LETOR/MSLR), or clicks where no world scores pages (MIND): gain "
+        "2^rel - 1, log2 discount"
+    ),
     "ndcg@10": "the same at cut-off 10",
-    "auc": "pooled ROC AUC of the model's item click scores over every shown (request, item) pair against its logged click (score-and-sort models and the evaluator, on splits with logged clicks)",
-    "gauc": "per-request AUC of the same scores, averaged with impression weights over the requests with both a clicked and an unclicked item",
-    "ptar": "PTAR@L: share of positions where the model's greedy page equals the teacher's greedy page (list generators, against the teacher of the same seed)",
+    "auc": (
+        "pooled ROC AUC of the model's item click scores over every shown (request, item) pair against its logged click "
+        "(score-and-sort models and the evaluator, on splits with logged clicks)"
+    ),
+    "gauc": (
+        "per-request AUC of the same scores, averaged with impression weights over the requests with both a clicked and an "
+        "unclicked item"
+    ),
+    "ptar": (
+        "PTAR@L: share of positions where the model's greedy page equals the teacher's greedy page (list generators, against "
+        "the teacher of the same seed)"
+    ),
     "ptar@4": "PTAR over the first 4 positions (the first viewport of the two-column feed)",
     "exact_page": "share of requests whose whole greedy page equals the teacher's",
-    "teacher_margin": "mean over the teacher's greedy steps of its top-1 minus top-2 step probability at temperature 1 (how concentrated the teacher is)",
-    "collapse_rate": "share of requests where two of the model's unmasked row argmaxes pick the same candidate (models with position x item logits)",
+    "teacher_margin": (
+        "mean over the teacher's greedy steps of its top-1 minus top-2 step probability at temperature 1 (how concentrated the "
+        "teacher is)"
+    ),
+    "collapse_rate": (
+        "share of requests where two of the model's unmasked row argmaxes pick the same candidate (models with position x item "
+        "logits)"
+    ),
     "collision_share": "share of positions whose unmasked row argmax repeats an earlier row's (graded collapse, at most (L-1)/L)",
-    "mean_row_js": "mean Jensen-Shannon divergence between the model's position rows, nats in [0, ln 2] (near 0: the rows are alike)",
+    "mean_row_js": (
+        "mean Jensen-Shannon divergence between the model's position rows, nats in [0, ln 2] (near 0: the rows are alike)"
+    ),
     "mean_row_entropy": "mean entropy of the model's position rows, nats in [0, ln n]",
-    "certified_prefix": "mean number of leading positions at which the stability certificate proves the student picks the teacher's item",
+    "certified_prefix": (
+        "mean number of leading positions at which the stability certificate proves the student picks the teacher's item"
+    ),
     "certified_ptar": "the certificate's lower bound on PTAR@L, certified_prefix / L (observed ptar is never below it)",
     "certified_ptar@4": "the certificate's lower bound on PTAR@4",
     "certified_step_share": "mean over requests of the share of steps certified, leading or not",
@@ -116,13 +143,17 @@ EPOCH_KEYS: dict[str, str] = {
     "train_kd_unlikelihood": "distill: the unlikelihood term on the student's unmasked rows",
     "train_hard_ce": "distill with soft: false: likelihood loss of the teacher's paths under sequential masking",
     "train_supervised": "distill with supervised_weight > 0: the student's likelihood loss of the logged targets",
-    "valid_score": "what picks the best epoch and drives early stopping: normalized utility (else NDCG@10) in train, select_by in distill",
+    "valid_score": (
+        "what picks the best epoch and drives early stopping: normalized utility (else NDCG@10) in train, select_by in distill"
+    ),
     "valid_loss": "evaluator: its click and long-view BCE on the validation requests (valid_score is minus this)",
 }
 
 #: Keys of eval.json and `evaluate --json` besides the figures.
 RUN_FIELDS: dict[str, str] = {
-    "model": "what was evaluated: the registry model name (train), student_skd or nar_direct (distill), the row name (summary.json)",
+    "model": (
+        "what was evaluated: the registry model name (train), student_skd or nar_direct (distill), the row name (summary.json)"
+    ),
     "split": "the held-out split evaluated: test, or valid with evaluate --split valid",
     "page_length": "page length L the pages were decoded and scored at",
     "teacher": "distill: the teacher checkpoint or run directory the student learnt from",
@@ -211,8 +242,13 @@ ONLINE_KEYS: dict[str, str] = {
     "eval/collapse_rate": "the student's collapse rate on that set",
     "final_normalized_utility": "online experiment: mean of a run's last evaluations (mean over seeds)",
     "auc_normalized_utility": "online experiment: mean of all a run's evaluations (area under the curve over its length)",
-    "steps_to_90pct": "online experiment: first evaluated step at which the curve covered 90% of its way from its first evaluation to its final level",
-    "recovery_steps": "online experiment: per shift, steps until the curve is back to 90% of its level before the shift (null: some seed never)",
+    "steps_to_90pct": (
+        "online experiment: first evaluated step at which the curve covered 90% of its way from its first evaluation to its "
+        "final level"
+    ),
+    "recovery_steps": (
+        "online experiment: per shift, steps until the curve is back to 90% of its level before the shift (null: some seed never)"
+    ),
 }
 
 #: Keys of `dualrerank ab`'s summary.json (docs/evaluation.md) beyond the listed names it
@@ -220,8 +256,13 @@ ONLINE_KEYS: dict[str, str] = {
 #: plots, non_finite, config): top-level keys, the keys of each `arms.<arm>` record, of
 #: each `lifts.<arm>.<metric>` comparison, and `power.*`.
 AB_KEYS: dict[str, str] = {
-    "design": "paired (every arm serves every request, independent feedback draws) or split (each request to one arm, uniformly at random)",
-    "traffic_seed": "seed of the traffic: the requests of each step, each arm's feedback draws, the split assignment, the bootstrap",
+    "design": (
+        "paired (every arm serves every request, independent feedback draws) or split (each request to one arm, uniformly at "
+        "random)"
+    ),
+    "traffic_seed": (
+        "seed of the traffic: the requests of each step, each arm's feedback draws, the split assignment, the bootstrap"
+    ),
     "world": "the world YAML the traffic came from (null: the default world)",
     "world_seed": "seed of the world (its catalogue); the arms must have been trained on the same world",
     "requests_per_step": "requests per stream step: request i is served by the world at step i // requests_per_step",
@@ -232,10 +273,14 @@ AB_KEYS: dict[str, str] = {
     "confidence": "confidence level of the intervals (1 - confidence is the power line's alpha)",
     "arms": "per arm name: its arm_path, model, serving_path, requests served and its figures",
     "lifts": "per arm other than the control, per metric: arm_value, control_value, difference, lift, their intervals, p_value",
-    "third_party": "the paper's online A/B figures as two third-party extractions quote them (method.md section 6); never measured here",
+    "third_party": (
+        "the paper's online A/B figures as two third-party extractions quote them (method.md section 6); never measured here"
+    ),
     "wall_seconds": "wall-clock seconds of the whole test (traffic, latency, report)",
     "arm_path": "the run directory or checkpoint the arm was loaded from, or upstream (sort by the upstream score)",
-    "serving_path": "what the latency times: onnx (a NAR student exported and run by dualrerank.serve) or torch (the PyTorch model)",
+    "serving_path": (
+        "what the latency times: onnx (a NAR student exported and run by dualrerank.serve) or torch (the PyTorch model)"
+    ),
     "ctr": "clicks over items shown (the L items of each page served), over the requests the arm served",
     "ctr_per_page": "clicks per request",
     "long_view_rate": "long views over items shown",
@@ -257,7 +302,10 @@ AB_KEYS: dict[str, str] = {
     "power.control_ctr": "the control's measured CTR",
     "power.control_std": "standard deviation of the control's per-request linearised CTR (clicks_i - CTR shown_i) / mean(shown)",
     "power.requests_per_arm_split": "requests per arm a split test needs, from the control's variance (both arms assumed alike)",
-    "power.requests_paired": "per arm: requests a paired test needs, from the variance of its per-request linearised CTR differences to the control (null in a split test)",
+    "power.requests_paired": (
+        "per arm: requests a paired test needs, from the variance of its per-request linearised CTR differences to the control "
+        "(null in a split test)"
+    ),
     "power.requests_per_arm": "requests per arm this test had (the control's)",
     "power.detectable_lift_split": "smallest relative CTR lift this test's requests per arm detect at that power in a split test",
     "power.line": "the power line as one sentence (report.md quotes it)",
@@ -282,10 +330,17 @@ OPE_KEYS: dict[str, str] = {
     "reward_weights.click": "reward per click event",
     "reward_weights.long_view": "reward per long-view event",
     "logged_reward": "mean realised page reward of the logged pages: the logging policy's value on these requests",
-    "truth": "exact mean page reward of the policy's pages on these requests under the simulated world's user model (null without a world)",
+    "truth": (
+        "exact mean page reward of the policy's pages on these requests under the simulated world's user model (null without a "
+        "world)"
+    ),
     "estimators": "one record per estimator (keys estimators.<name>.*)",
-    "estimators.<name>": "the record of estimator <name>: ips, snips, pi, dm, dr, pi_dr, cascade_dr or cascade_sndr (docs/evaluation.md)",
-    "estimators.<name>.status": "ok; no support (no logged page, prefix or item equals the policy's: the value is 0 or dm's, not an estimate); not run",
+    "estimators.<name>": (
+        "the record of estimator <name>: ips, snips, pi, dm, dr, pi_dr, cascade_dr or cascade_sndr (docs/evaluation.md)"
+    ),
+    "estimators.<name>.status": (
+        "ok; no support (no logged page, prefix or item equals the policy's: the value is 0 or dm's, not an estimate); not run"
+    ),
     "estimators.<name>.reason": "why the estimator has no support or did not run (null when ok)",
     "estimators.<name>.estimate": "the estimated mean page reward of the policy",
     "estimators.<name>.se": "standard error of the estimate (influence terms; self-normalised forms by the delta method)",
@@ -293,9 +348,14 @@ OPE_KEYS: dict[str, str] = {
     "estimators.<name>.ci_high": "upper end of the confidence interval",
     "estimators.<name>.error": "estimate - truth (simulated world only)",
     "estimators.<name>.covered": "whether the interval holds the truth (simulated world only)",
-    "estimators.<name>.ess": "Kish effective sample size (sum w)^2 / sum w^2 of the estimator's weights; per-position weights: the smallest over positions",
+    "estimators.<name>.ess": (
+        "Kish effective sample size (sum w)^2 / sum w^2 of the estimator's weights; per-position weights: the smallest over "
+        "positions"
+    ),
     "estimators.<name>.ess_share": "ess over the number of logged requests",
-    "estimators.<name>.ess_by_position": "per-position weights: the effective sample size at each position (null for whole-page weights)",
+    "estimators.<name>.ess_by_position": (
+        "per-position weights: the effective sample size at each position (null for whole-page weights)"
+    ),
     "estimators.<name>.weight_max": "largest importance weight",
     "estimators.<name>.nonzero_share": "share of logged requests with a non-zero weight (at some position)",
     "support_notes": "what the estimates rest on: logged pages and prefixes equal to the policy's, estimators not run and why",

@@ -27,8 +27,9 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from dualrerank.errors import DataError
 from dualrerank.files import atomic_write
@@ -276,7 +277,7 @@ def plot_curves(
     fig = _new_figure(4.3 * ncols, 3.1 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     handles: dict[str, Any] = {}
-    for ax, key in zip(axes, present):
+    for ax, key in zip(axes, present, strict=False):  # the grid may have more cells than panels
         uses_x = False
         for i, name in enumerate(names):
             records = series[name]
@@ -291,8 +292,8 @@ def plot_curves(
             if band is not None:
                 bx, bs = _curve_points(records, key + band, x)
                 if bx and len(bx) == len(xs):
-                    lo = [y - s_ for y, s_ in zip(ys, bs)]
-                    hi = [y + s_ for y, s_ in zip(ys, bs)]
+                    lo = [y - s_ for y, s_ in zip(ys, bs, strict=True)]
+                    hi = [y + s_ for y, s_ in zip(ys, bs, strict=True)]
                     ax.fill_between(xs, lo, hi, color=f"C{i % 10}", alpha=0.15, linewidth=0)
         for m in marks:
             ax.axvline(m, color="0.4", linestyle="--", linewidth=1)
@@ -339,7 +340,7 @@ def plot_bars(
     ax.barh(pos, means, xerr=errs if has_std else None, color="C0", alpha=0.85, capsize=3, height=0.6)
     ax.set_yticks(pos, labels)
     ax.invert_yaxis()
-    for p, m, s, e in zip(pos, means, stds, errs):
+    for p, m, s, e in zip(pos, means, stds, errs, strict=True):
         text = _format_cell(m, s, 3)
         end = m + e if m >= 0 else m - e
         ax.annotate(
@@ -802,7 +803,7 @@ def write_demo_report(
             "",
         ]
     if ab.get("table_md"):
-        md += ["## Simulated A/B test", "", ab["table_md"], "", f"Full report: [ab/report.md](ab/report.md).", ""]
+        md += ["## Simulated A/B test", "", ab["table_md"], "", "Full report: [ab/report.md](ab/report.md).", ""]
     elif ab:
         md += ["## Simulated A/B test", "", "See [ab/report.md](ab/report.md).", ""]
     md += ["## Stages", "", markdown_table([{"stage": k, "seconds": v} for k, v in seconds.items()], ["stage", "seconds"]), ""]
@@ -894,7 +895,7 @@ def plot_lifts(summary: Mapping[str, Any], out_png: Path, metrics: Sequence[str]
     nrows = math.ceil(len(panels) / ncols)
     fig = _new_figure(4.3 * ncols, (0.45 * len(others) + 1.3) * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, metric in zip(axes, panels):
+    for ax, metric in zip(axes, panels, strict=False):  # the grid may have more cells than panels
         for i, arm in enumerate(others):
             row = summary["lifts"][arm][metric]
             lift = _number(row.get("lift"))
@@ -978,8 +979,13 @@ def write_ab_report(out_dir: Path, summary: Mapping[str, Any], *, notes: Sequenc
     md = [f"# {clean['title']}", ""]
     if clean.get("commands"):
         md += ["Produced by:", "", "```bash", *clean["commands"], "```", ""]
+    design_note = (
+        "every arm serves every request, independent feedback draws"
+        if clean["design"] == "paired"
+        else "each request served by one arm drawn uniformly at random"
+    )
     md += [
-        f"- design: {clean['design']} ({'every arm serves every request, independent feedback draws' if clean['design'] == 'paired' else 'each request served by one arm drawn uniformly at random'})",
+        f"- design: {clean['design']} ({design_note})",
         f"- traffic: {clean['requests']:,} requests of {world} (world seed {clean['world_seed']}), traffic seed "
         f"{clean['traffic_seed']}, {clean['requests_per_step']} requests per stream step, {clean['steps']} steps, "
         f"{clean['drift_events']} drift event(s) in force during the test; pages of {clean['page_length']} items",

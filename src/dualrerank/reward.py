@@ -31,8 +31,9 @@ Adding a rule takes a few lines (docs/online.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 import torch
 

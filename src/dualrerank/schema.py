@@ -12,8 +12,8 @@ the package but `errors`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -118,10 +118,10 @@ class RerankBatch:
     def _tensor_fields(self) -> list[str]:
         return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
 
-    def to(self, device: torch.device | str) -> "RerankBatch":
+    def to(self, device: torch.device | str) -> RerankBatch:
         return replace(self, **{k: getattr(self, k).to(device) for k in self._tensor_fields()})
 
-    def select(self, index: torch.Tensor | Sequence[int] | slice) -> "RerankBatch":
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> RerankBatch:
         """Sub-batch of the requests at `index` (a slice, index list or bool mask)."""
         if not isinstance(index, slice):
             index = torch.as_tensor(index)
@@ -133,7 +133,7 @@ class RerankBatch:
             out["request_ids"] = tuple(self.request_ids[i] for i in idx)
         return replace(self, **out)
 
-    def trim(self) -> "RerankBatch":
+    def trim(self) -> RerankBatch:
         """Drop padding columns no request uses (after `select`, lists may be shorter than n)."""
         n_used = int(self.candidate_mask.any(dim=0).nonzero().max()) + 1 if bool(self.candidate_mask.any()) else 1
         if n_used == self.num_candidates:
@@ -145,7 +145,7 @@ class RerankBatch:
         }
         return replace(self, **out)
 
-    def split(self, batch_size: int) -> list["RerankBatch"]:
+    def split(self, batch_size: int) -> list[RerankBatch]:
         """Consecutive sub-batches of at most `batch_size` requests."""
         return [self.select(slice(s, s + batch_size)) for s in range(0, self.batch_size, batch_size)]
 
@@ -155,7 +155,7 @@ class RerankBatch:
         k: int | None = None,
         candidate_dim: int | None = None,
         context_dim: int | None = None,
-    ) -> "RerankBatch":
+    ) -> RerankBatch:
         """Check shapes, dtypes, values and masks; raise `DataError` on the first problem.
 
         Args:
@@ -357,13 +357,13 @@ def collate(
             Y[b, : len(lab)] = lab
         out["labels"] = torch.from_numpy(Y)
     if present("item_ids"):
-        I = np.zeros((B, n), np.int64)
+        ids_arr = np.zeros((B, n), np.int64)
         for b, r in enumerate(requests):
             ids = _as_array("item_ids", r.item_ids, 1, req(b), np.int64)
             if len(ids) != cands[b].shape[0]:
                 raise DataError(f"item_ids: {len(ids)} ids for {cands[b].shape[0]} candidates in {req(b)}")
-            I[b, : len(ids)] = ids
-        out["item_ids"] = torch.from_numpy(I)
+            ids_arr[b, : len(ids)] = ids
+        out["item_ids"] = torch.from_numpy(ids_arr)
     if present("logged_page"):
         pages = [_as_array("logged_page", r.logged_page, 1, req(b), np.int64) for b, r in enumerate(requests)]
         L = max(len(p) for p in pages)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dualrerank.commands._common import add_config_args, load_from_args, print_json
 from dualrerank.errors import ConfigError

@@ -22,8 +22,8 @@ from dualrerank.commands._common import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dualrerank.train.splits import SPLIT_SOURCES
     from dualrerank.train.distill import DistillConfig
+    from dualrerank.train.splits import SPLIT_SOURCES
 
     p = subparsers.add_parser(
         "distill",

@@ -17,8 +17,8 @@ from dualrerank.commands._common import add_config_args, load_from_args, print_j
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dualrerank.train.splits import SPLIT_SOURCES
     from dualrerank.train.ope import OpeConfig
+    from dualrerank.train.splits import SPLIT_SOURCES
 
     p = subparsers.add_parser(
         "ope",

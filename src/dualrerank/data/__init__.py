@@ -12,9 +12,10 @@ coverage) are issued as `DataWarning`s; `dualrerank data inspect` lists them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dualrerank.config import from_dict, option
 from dualrerank.errors import ConfigError

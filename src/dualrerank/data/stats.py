@@ -27,7 +27,7 @@ def value_counts(values: torch.Tensor, max_distinct: int = 20) -> dict[str, Any]
     if len(uniq) > max_distinct:
         v = values.double()
         return {"distinct": int(len(uniq)), "min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())}
-    return {_key(float(u)): int(c) for u, c in zip(uniq.tolist(), counts.tolist())}
+    return {_key(float(u)): int(c) for u, c in zip(uniq.tolist(), counts.tolist(), strict=True)}
 
 
 def _key(v: float) -> str:

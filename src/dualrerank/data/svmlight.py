@@ -38,9 +38,9 @@ import hashlib
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -300,7 +300,7 @@ def _check_short_lines(path: Path, counts: np.ndarray, lines: np.ndarray) -> Non
 
 def _first_failing(path: Path, lines: list[int], bodies: list[str], options: SvmlightOptions) -> DataError:
     """Slow path after a bulk conversion failed: find the first line at fault."""
-    for lineno, body in zip(lines, bodies):
+    for lineno, body in zip(lines, bodies, strict=True):
         err = _diagnose(path, lineno, body, options, len(lines))
         if err is not None:
             return err

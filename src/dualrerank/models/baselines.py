@@ -441,7 +441,7 @@ class LambdaMART(_TreeRanker):
             raise ConfigError("lambdamart: model is not fitted; nothing to save")
         self.booster.save_model(str(Path(directory) / MODEL_FILE))
 
-    def load(self, directory: str | Path) -> "LambdaMART":
+    def load(self, directory: str | Path) -> LambdaMART:
         """Read the model text file written by `save`; raises `CheckpointError` if unusable."""
         path = self._model_path(directory)
         try:
@@ -552,7 +552,7 @@ class CatBoostRank(_TreeRanker):
             raise ConfigError("catboost: model is not fitted; nothing to save")
         self.model.save_model(str(Path(directory) / CATBOOST_FILE), format="cbm")
 
-    def load(self, directory: str | Path) -> "CatBoostRank":
+    def load(self, directory: str | Path) -> CatBoostRank:
         """Read the model written by `save`; raises `CheckpointError` if unusable."""
         path = self._model_path(directory)
         model = catboost.CatBoostRanker()

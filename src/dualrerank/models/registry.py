@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from dualrerank.config import from_dict
 from dualrerank.errors import ConfigError

@@ -66,7 +66,7 @@ class _Memory:
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block, [B, h, n, d_head] each
     keys: torch.Tensor  # [B, d, n] pointer keys (W_k T)^T, transposed once for the per-step matmul
 
-    def repeat(self, r: int) -> "_Memory":
+    def repeat(self, r: int) -> _Memory:
         """Row b becomes rows b*r .. b*r + r - 1 (group / beam members)."""
         if r == 1:
             return self
@@ -145,7 +145,7 @@ class ARTeacher(nn.Module):
         m = x.shape[1]
         causal = torch.ones(m, m, dtype=torch.bool, device=x.device).tril().unsqueeze(0)
         allowed = mem.mask.unsqueeze(1)
-        for block, kv in zip(self.blocks, mem.cross_kv):
+        for block, kv in zip(self.blocks, mem.cross_kv, strict=True):
             x, _ = block(x, causal, kv, allowed)
         return self._pointer(x, mem)
 
@@ -157,7 +157,7 @@ class ARTeacher(nn.Module):
         x = self._embed(mem, prefix[:, t - 1 :] if t else prefix, with_bos=t == 0, offset=t)
         allowed = mem.mask.unsqueeze(1)
         new_cache = []
-        for i, (block, kv) in enumerate(zip(self.blocks, mem.cross_kv)):
+        for i, (block, kv) in enumerate(zip(self.blocks, mem.cross_kv, strict=True)):
             # One query attends to every cached position, so no self-attention mask is needed.
             x, layer_cache = block(x, None, kv, allowed, None if cache is None else cache[i])
             new_cache.append(layer_cache)

@@ -16,8 +16,9 @@ unreachable server raises `ServiceUnavailable`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -83,7 +84,7 @@ class RerankClient:
         self._own = client is None
         self._http = client if client is not None else httpx.Client(base_url=base_url, timeout=timeout)
 
-    def __enter__(self) -> "RerankClient":
+    def __enter__(self) -> RerankClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

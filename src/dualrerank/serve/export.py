@@ -206,7 +206,6 @@ def check_parity(student: NARStudent, session: Any, seed: int = 0) -> dict[str, 
     at padding.
     """
     from dualrerank.decoding import masked_greedy
-
     from dualrerank.serve.runtime import greedy_pages
 
     worst, pages_equal, pad_ok = 0.0, True, True

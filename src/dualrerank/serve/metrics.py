@@ -79,7 +79,7 @@ class ServiceMetrics:
             "# TYPE dualrerank_rerank_latency_seconds histogram",
         ]
         cumulative = 0
-        for bound, c in zip(self.buckets, counts):
+        for bound, c in zip(self.buckets, counts, strict=False):  # counts has one more slot: +Inf, written below
             cumulative += c
             lines.append(f'dualrerank_rerank_latency_seconds_bucket{{le="{bound:g}"}} {cumulative}')
         lines.append(f'dualrerank_rerank_latency_seconds_bucket{{le="+Inf"}} {count}')

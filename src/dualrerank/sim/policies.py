@@ -142,12 +142,13 @@ def beam_search(params: ResponseParams, view: ItemView, L: int, width: int) -> t
         parent, item = top.indices // n, top.indices % n
         utility = top.values
 
-        def pick(x: torch.Tensor) -> torch.Tensor:
+        # pick/chosen are only called within this iteration; the defaults bind this step's parent/item explicitly
+        def pick(x: torch.Tensor, parent: torch.Tensor = parent) -> torch.Tensor:
             if x.dim() == 2:
                 return x.gather(1, parent)
             return x.gather(1, parent.unsqueeze(2).expand(B, W, x.shape[2]))
 
-        def chosen(x: torch.Tensor) -> torch.Tensor:
+        def chosen(x: torch.Tensor, item: torch.Tensor = item) -> torch.Tensor:
             return pick(x).gather(2, item.unsqueeze(2)).squeeze(2)
 
         p_chosen = chosen(p)

@@ -61,7 +61,7 @@ def _standardise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(var > 1e-12, (x - mean) / var.clamp_min(1e-12).sqrt(), torch.zeros(())) * w
 
 
-def real_list_state(batch: RerankBatch, world: "World", seed: int = 0, config: RealListConfig | None = None) -> WorldState:  # noqa: F821
+def real_list_state(batch: RerankBatch, world: World, seed: int = 0, config: RealListConfig | None = None) -> WorldState:  # noqa: F821
     """Hidden state for the graded lists of `batch` in `world` (B requests, n padded docs).
 
     Args:

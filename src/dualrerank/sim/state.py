@@ -6,8 +6,8 @@ holds what the world reports for shown pages (in the reported units of each dime
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
 
 import torch
 
@@ -53,18 +53,18 @@ class WorldState:
     def num_candidates(self) -> int:
         return int(self.topic.shape[1])
 
-    def select(self, index: torch.Tensor | Sequence[int] | slice) -> "WorldState":
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> WorldState:
         """Sub-state of the requests at `index` (a slice, index list or bool mask)."""
         if not isinstance(index, slice):
             index = torch.as_tensor(index)
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
-    def split(self, size: int) -> list["WorldState"]:
+    def split(self, size: int) -> list[WorldState]:
         """Consecutive sub-states of at most `size` requests."""
         return [self.select(slice(s, s + size)) for s in range(0, self.batch_size, size)]
 
     @staticmethod
-    def cat(states: Sequence["WorldState"]) -> "WorldState":
+    def cat(states: Sequence[WorldState]) -> WorldState:
         """Concatenate states with the same n along the request axis."""
         first = states[0]
         return replace(first, **{f.name: torch.cat([getattr(s, f.name) for s in states]) for f in fields(first)})

@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -96,7 +96,7 @@ class World:
         self.params: ResponseParams = effective_params(c, self.catalogue, self.seed, self.step)
 
     # ------------------------------------------------------------------ drift
-    def at_step(self, step: int) -> "World":
+    def at_step(self, step: int) -> World:
         """The same world (same catalogue and seed) with the drift events of steps <= `step`."""
         return World(self.config, self.seed, step=step, catalogue=self.catalogue)
 

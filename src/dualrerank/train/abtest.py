@@ -44,9 +44,10 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -378,7 +379,7 @@ def check_split(cfg: ABConfig, arms: Sequence[Arm]) -> None:
     if assign is None:
         return
     counts = torch.bincount(assign, minlength=len(arms))
-    for arm, c in zip(arms, counts.tolist()):
+    for arm, c in zip(arms, counts.tolist(), strict=True):
         if c < 2:
             raise ConfigError(
                 f"--requests {cfg.requests}: the split design gave arm {arm.name} {c} request(s); "

@@ -33,9 +33,10 @@ Shapes: B requests, n padded candidates, L page length.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -352,7 +353,7 @@ def reference_agreement(student: Any, ref: TeacherReference, batch: RerankBatch)
     figures of `metrics.agreement_per_request`, averaged over requests, under its names."""
     has_logits = callable(getattr(student, "logits", None))
     acc: dict[str, list[torch.Tensor]] = {}
-    for (length, idx), tpage, q in zip(ref.groups, ref.pages, ref.probs):
+    for (length, idx), tpage, q in zip(ref.groups, ref.pages, ref.probs, strict=True):
         sub = batch.select(idx)
         z = student.logits(sub, length) if has_logits else None
         page = masked_greedy(z, sub.candidate_mask, validate=False) if z is not None else student.rerank(sub, length)

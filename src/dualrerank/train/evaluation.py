@@ -17,8 +17,9 @@ L groups, each vectorised), so no decoder is ever asked for more items than exis
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class EvalSplit:
 
 def _length_groups(batch: RerankBatch, L: int) -> list[tuple[int, torch.Tensor]]:
     eff = batch.num_valid.clamp(max=L)
-    return [(int(l), (eff == l).nonzero().flatten()) for l in torch.unique(eff).tolist()]
+    return [(int(length), (eff == length).nonzero().flatten()) for length in torch.unique(eff).tolist()]
 
 
 def rerank_all(

@@ -19,9 +19,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,8 @@ from tqdm import tqdm
 from dualrerank.config import option
 from dualrerank.errors import CheckpointError, TrainingError
 from dualrerank.models.checkpoint import check_state_fits
-from dualrerank.train.runstate import MetricsLog, load_snapshot, optimizer_step, save_snapshot
 from dualrerank.schema import RerankBatch
+from dualrerank.train.runstate import MetricsLog, load_snapshot, optimizer_step, save_snapshot
 
 Extras = dict[str, torch.Tensor]
 Objective = Callable[[nn.Module, RerankBatch, Extras, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -99,7 +100,9 @@ def fit(
     phase: str = "train",
     report_to: str = "none",
 ) -> dict[str, Any]:
-    """Train `model` in place (`phase` names it in progress lines); returns {"best_score", "best_epoch", "epochs_run", "stopped_early"}.
+    """Train `model` in place (`phase` names it in progress lines).
+
+    Returns {"best_score", "best_epoch", "epochs_run", "stopped_early"}.
 
     With `resume=True`, `run_dir/last.pt` (when present: a phase killed before its first
     epoch ended starts afresh) restores the model, optimizer, schedule, RNG and loop state,

@@ -38,7 +38,6 @@ uninterrupted one (tested).
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,14 +51,14 @@ from tqdm import tqdm
 from dualrerank.config import dump_config, option
 from dualrerank.decoding import gumbel_max_pages, masked_greedy, sequential_log_prob
 from dualrerank.errors import ConfigError, TrainingError
+from dualrerank.feedback import FEEDBACK_NAMES
 from dualrerank.losses import clipped_policy_loss, group_advantage, kl_to_reference, position_weights
 from dualrerank.metrics import collapse_rate, mean_row_entropy, ptar
-from dualrerank.models.checkpoint import load_checkpoint, load_checkpoint_of_kind, save_checkpoint
+from dualrerank.models.checkpoint import load_checkpoint_of_kind, save_checkpoint
 from dualrerank.reward import PageFeedback, RewardSystem, duplicate_items, posterior
 from dualrerank.schema import RerankBatch
 from dualrerank.sim import World, WorldConfig
 from dualrerank.sim.catalogue import seeded
-from dualrerank.feedback import FEEDBACK_NAMES
 from dualrerank.train.distill import DistillConfig, skd_loss, teacher_step_probs
 from dualrerank.train.objectives import GeneratorObjectiveConfig, generator_extras, generator_objective
 from dualrerank.train.runstate import MetricsLog, load_snapshot, optimizer_step, prepare_run_dir, save_snapshot

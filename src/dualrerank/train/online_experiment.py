@@ -27,7 +27,7 @@ import dataclasses
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,10 @@ def _events(base: WorldConfig, stream: StreamConfig) -> list[float]:
 
 def curve_figures(steps: list[int], values: list[float], shifts: list[float], window: int) -> dict[str, Any]:
     """The figures of one evaluation curve (see the module docstring)."""
-    pts = [(s, v) for s, v in zip(steps, values) if v is not None and math.isfinite(v)]
+    pts = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None and math.isfinite(v)]
     if not pts:
         return {"final_normalized_utility": None, "auc_normalized_utility": None, "steps_to_90pct": None, "recovery_steps": []}
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    ys = [p[1] for p in pts]
     final = statistics.fmean(ys[-window:])
     start = ys[0]
     to90 = None
@@ -156,7 +156,7 @@ def run_online_experiment(
                 steps = [int(r["step"]) + 1 for r in recs]
                 nu = [r["eval/normalized_utility"] for r in recs]
                 per_seed.append(curve_figures(steps, nu, marks[stream_name], cfg.final_window))
-                series.append(dict(zip(steps, nu)))
+                series.append(dict(zip(steps, nu, strict=True)))
                 if stream_name not in references and recs:
                     references[stream_name] = {
                         "teacher_at_start": recs[0]["eval/teacher_normalized_utility"],

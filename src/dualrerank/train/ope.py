@@ -67,9 +67,10 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -199,7 +200,7 @@ class LoggingPolicy:
     uniform_share: float
 
     @classmethod
-    def of_world(cls, world: Any, batch: RerankBatch) -> "LoggingPolicy":
+    def of_world(cls, world: Any, batch: RerankBatch) -> LoggingPolicy:
         if batch.upstream_score is None:
             raise DataError("upstream_score: the logs have none, so the simulated logging policy cannot be rebuilt")
         lg = world.config.logging
@@ -297,7 +298,7 @@ class Terms:
     den: torch.Tensor
 
     @staticmethod
-    def mean_of(values: torch.Tensor) -> "Terms":
+    def mean_of(values: torch.Tensor) -> Terms:
         empty = torch.zeros(values.shape[0], 0, dtype=_F)
         return Terms(values.to(_F), empty, empty)
 
@@ -815,7 +816,7 @@ def run_ope(
     notes = [
         f"{matches:,} of {B:,} logged pages equal the policy's page of {L} positions; whole-page estimators (ips, snips, dr) "
         "need such matches, which become rare as pages get longer.",
-        f"logged prefixes equal to the policy's, by depth: "
+        "logged prefixes equal to the policy's, by depth: "
         + ", ".join(f"{t + 1}: {int(c):,}" for t, c in enumerate((logged == pages).long().cumprod(1).sum(0)) if t < 6)
         + " ...",
     ]

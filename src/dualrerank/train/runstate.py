@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-from contextlib import contextmanager
 import pickle
 import re
 import shutil
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 

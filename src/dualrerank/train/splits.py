@@ -34,7 +34,6 @@ from dualrerank.errors import ConfigError
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import EvalSplit
 
-
 GENERATED_TRAIN_REQUESTS = 8000
 #: The data sources a run can train and evaluate on: the one list every command's --data uses.
 SPLIT_SOURCES = ("synthetic", "letor", "mind", "parquet")

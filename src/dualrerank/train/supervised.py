@@ -14,9 +14,10 @@ One function, `train_model`, takes a `TrainConfig` and a run directory and:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,13 +30,13 @@ from dualrerank.models.registry import config_from_dict, get_spec, set_data_dims
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import EvalSplit, evaluate
 from dualrerank.train.loop import OptimConfig, fit, phase_finished
-from dualrerank.train.runstate import PhaseClock, load_snapshot, prepare_run_dir, save_snapshot
 from dualrerank.train.objectives import (
     GeneratorObjectiveConfig,
     generator_extras,
     generator_objective,
     own_loss_objective,
 )
+from dualrerank.train.runstate import PhaseClock, load_snapshot, prepare_run_dir, save_snapshot
 from dualrerank.train.splits import SplitConfig, Splits, load_splits
 from dualrerank.train.targets import Targets, logged_targets
 
@@ -107,8 +108,9 @@ def step_logits_fn(kind: str) -> Callable[[nn.Module, RerankBatch, torch.Tensor,
 def evaluator_targets(evaluator: Any, batch: RerankBatch, L: int, width: int, chunk: int = 512, progress: bool = True) -> Targets:
     """Beam-search pages over `evaluator` for every request (requests shorter than L get
     their full list), as generator targets."""
-    from dualrerank.train.evaluation import rerank_all
     from tqdm import tqdm
+
+    from dualrerank.train.evaluation import rerank_all
 
     evaluator.eval()
     bar = tqdm(total=batch.batch_size, desc="evaluator targets", unit="req", disable=not progress, leave=False)
