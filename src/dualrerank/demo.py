@@ -113,7 +113,8 @@ def _baselines(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     from dualrerank.train.supervised import TrainConfig, train_model
 
     rows = {}
-    for name, extra in (("upstream", {}), ("lambdamart", {"model_config": {"num_threads": 1}})):
+    variants: tuple[tuple[str, dict[str, Any]], ...] = (("upstream", {}), ("lambdamart", {"model_config": {"num_threads": 1}}))
+    for name, extra in variants:
         tcfg = TrainConfig(seed=cfg.seed, model=name, data=_data(cfg, out), **extra)
         rows[name] = train_model(tcfg, out / name, overwrite=True, progress=progress)
     # The NAR student without distillation: the same network trained on the logged targets.

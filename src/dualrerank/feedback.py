@@ -129,9 +129,11 @@ def page_feedback(batch: RerankBatch, names: Sequence[str]) -> tuple[torch.Tenso
         raise DataError("logged_feedback: missing, and no labels to read the realised feedback from")
     field, names_field, have = src
     cols = _columns(names, have, field, names_field)
+    source = batch.logged_feedback if field == "logged_feedback" else batch.labels
+    assert source is not None  # _source names a field that is present
     if field == "logged_feedback":
-        return batch.logged_feedback[..., cols].float(), pmask
-    return gather_along(batch.labels[..., cols].float(), page), pmask
+        return source[..., cols].float(), pmask
+    return gather_along(source[..., cols].float(), page), pmask
 
 
 # --------------------------------------------------------------------------- realised gain
@@ -230,6 +232,7 @@ def shown_gain(batch: RerankBatch) -> tuple[torch.Tensor, torch.Tensor]:
     valid candidates at a present position of the logged page (0 gain elsewhere)."""
     gain, pmask = page_gain(batch)
     B, n = batch.candidate_mask.shape
+    assert batch.logged_page is not None  # page_gain raised without one
     page = batch.logged_page.long().clamp(0, n - 1)
     gains = torch.zeros(B, n, dtype=gain.dtype, device=page.device).scatter_add(1, page, gain)
     shown = torch.zeros(B, n, dtype=torch.long, device=page.device).scatter_add(1, page, pmask.long()) > 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` on a fresh temp file beside `path`, flush it to disk, then rename
     it onto `path`. The temp file is removed if `write` fails. Returns `path`."""
     path = Path(path)

@@ -20,7 +20,6 @@ follows NAR4Rec's use of unlikelihood training against repeated items [ours to i
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +186,7 @@ def bpr_loss(
     return -F.logsigmoid(diff[valid]).mean()
 
 
-def position_weights(L: int, kind: Literal["uniform", "dcg"] = "uniform") -> torch.Tensor:
+def position_weights(L: int, kind: str = "uniform") -> torch.Tensor:
     """Per-position weights `[L]` summing to 1.
 
     `uniform`: 1/L each. `dcg`: the DCG discount `1 / log2(t + 1)` for t = 1..L, normalised.
@@ -211,10 +210,10 @@ def kd_loss(
     tau: float = 1.0,
     alpha: float = 0.0,
     position_weights: torch.Tensor | None = None,
-    mask_mode: Literal["none", "prefix"] = "none",
+    mask_mode: str = "none",
     unlikelihood: float = 0.0,
     target_mask: torch.Tensor | None = None,
-    unlikelihood_items: Literal["prefix", "page"] = "prefix",
+    unlikelihood_items: str = "prefix",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sequential knowledge distillation loss (method.md section 3).
 
@@ -323,8 +322,8 @@ def group_advantage(
     coef: torch.Tensor,
     valid: torch.Tensor | None = None,
     *,
-    combine: Literal["before", "after"] = "before",
-    scale: Literal["group_std", "none", "stream"] = "group_std",
+    combine: str = "before",
+    scale: str = "group_std",
     stream_scale: torch.Tensor | None = None,
     batch_norm: bool = False,
     eps: float = 1e-6,
@@ -390,6 +389,7 @@ def group_advantage(
         adv = contrib.sum(-1)
     else:
         adv = z.squeeze(-1)
+        assert parts is not None  # set by combine == "before"
         # The share of each dimension in the combined advantage: its part of the centred sum.
         pmean = _masked_mean(parts, okd.expand_as(parts), 1)
         contrib = torch.where(okd, parts - pmean, torch.zeros_like(parts)) / (s + eps)

@@ -29,10 +29,12 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from dualrerank.errors import DataError
 from dualrerank.files import atomic_write
+
+_RecordT = TypeVar("_RecordT", bound=Mapping[str, Any])  # a metrics record (dict or read-only view)
 
 STD_SUFFIX = "_std"
 MISSING = "–"
@@ -118,7 +120,7 @@ def _number(value: Any) -> float | None:
     return float(value) if _is_number(value) else None
 
 
-def _format_number(value: numbers.Real, digits: int) -> str:
+def _format_number(value: float, digits: int) -> str:
     if isinstance(value, numbers.Integral):
         return f"{int(value):,}"
     v = float(value)
@@ -329,7 +331,7 @@ def plot_bars(
     if not kept:
         return None
     labels = [str(r.get(label_key) if r.get(label_key) is not None else f"row {i}") for i, r in kept]
-    means = [_number(r.get(metric)) for _, r in kept]
+    means = [cast(float, _number(r.get(metric))) for _, r in kept]  # kept: numbers only
     stds = [_number(r.get(metric + std_suffix)) for _, r in kept]
     has_std = any(s is not None for s in stds)
     errs = [s if s is not None and math.isfinite(s) else 0.0 for s in stds]
@@ -503,7 +505,7 @@ def write_experiment_report(
 # --------------------------------------------------------------------------- single run
 
 
-def _latest_per_x(records: Sequence[Mapping[str, Any]], x: str) -> list[Mapping[str, Any]]:
+def _latest_per_x(records: Sequence[_RecordT], x: str) -> list[_RecordT]:
     """Keep the last record for each value of `x`: an epoch re-run after a resume appends a
     second line for the same epoch, and the later one is the one the checkpoint reflects."""
     if not any(_number(r.get(x)) is not None for r in records):
@@ -513,15 +515,15 @@ def _latest_per_x(records: Sequence[Mapping[str, Any]], x: str) -> list[Mapping[
         xv = _number(r.get(x))
         if xv is not None:
             last[xv] = i
-    return [r for i, r in enumerate(records) if _number(r.get(x)) is None or last[_number(r.get(x))] == i]
+    return [r for i, r in enumerate(records) if (xv := _number(r.get(x))) is None or last[xv] == i]
 
 
 def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     flagged = [r for r in records if r.get("best") is True]
     if flagged:
         return flagged[-1]
-    scored = [r for r in records if _number(r.get("valid_score")) is not None and math.isfinite(_number(r.get("valid_score")))]
-    return max(scored, key=lambda r: _number(r["valid_score"])) if scored else None
+    scored = [r for r in records if (v := _number(r.get("valid_score"))) is not None and math.isfinite(v)]
+    return max(scored, key=lambda r: cast(float, _number(r["valid_score"]))) if scored else None  # scored: numbers only
 
 
 def _run_phases(run_dir: Path) -> dict[str, float]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -82,6 +82,18 @@ class PageFeedback:
 
 class Rule(Protocol):
     def __call__(self, batch: RerankBatch, pages: torch.Tensor, feedback: PageFeedback | None) -> torch.Tensor: ...
+
+
+class _Evaluator(Protocol):
+    """What `evaluator_rule` uses of the list-wise evaluator (an nn.Module; this module never imports models)."""
+
+    training: bool
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def predict(self, batch: RerankBatch, pages: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -147,7 +159,7 @@ def posterior(name: str, predict: Callable[[RerankBatch, torch.Tensor], torch.Te
     return rule
 
 
-def evaluator_rule(evaluator: torch.nn.Module, head: int) -> Callable[[RerankBatch, torch.Tensor], torch.Tensor]:
+def evaluator_rule(evaluator: _Evaluator, head: int) -> Callable[[RerankBatch, torch.Tensor], torch.Tensor]:
     """The evaluator's predicted page total of head `head` (0 click, 1 long view) as a
     `[B, G]` prediction; no gradient, evaluation mode."""
 

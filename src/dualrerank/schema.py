@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -225,15 +226,17 @@ class RerankBatch:
             self._validate_logged_page(B, n)
         elif self.logged_feedback is not None:
             raise DataError("logged_feedback: given without logged_page")
-        if self.propensity is not None:
-            if tuple(self.propensity.shape) != (B,):
-                raise DataError(f"propensity: shape {tuple(self.propensity.shape)} != [B] = {(B,)}")
-            bad_p = ~((self.propensity > 0) & (self.propensity <= 1))
-            self._raise_first(bad_p, "propensity", lambda b: f"must be in (0, 1], got {float(self.propensity[b])}")
+        propensity = self.propensity
+        if propensity is not None:
+            if tuple(propensity.shape) != (B,):
+                raise DataError(f"propensity: shape {tuple(propensity.shape)} != [B] = {(B,)}")
+            bad_p = ~((propensity > 0) & (propensity <= 1))
+            self._raise_first(bad_p, "propensity", lambda b: f"must be in (0, 1], got {float(propensity[b])}")
         return self
 
     def _validate_logged_page(self, B: int, n: int) -> None:
         page = self.logged_page
+        assert page is not None  # validate() calls this only with a logged page
         _check_rank("logged_page", page, 2, "[B, L]")
         if page.shape[0] != B:
             raise DataError(f"logged_page: has {page.shape[0]} rows for {B} requests")
@@ -391,7 +394,8 @@ def collate(
             U[b, : len(u)] = u
         out["upstream_score"] = torch.from_numpy(U)
     if present("propensity"):
-        out["propensity"] = torch.tensor([float(r.propensity) for r in requests], dtype=torch.float32)
+        # present() checked that no request's propensity is None
+        out["propensity"] = torch.tensor([float(cast(float, r.propensity)) for r in requests], dtype=torch.float32)
     batch = RerankBatch(
         **out,
         request_ids=tuple(names),

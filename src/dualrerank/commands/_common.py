@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from dualrerank.config import describe_config, load_config
 
@@ -33,7 +33,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type | None = N
 def load_from_args(config_cls: type[T], args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> T:
     """Config from --config, then CLI overrides (only those the user actually gave)."""
     over = dict(overrides or {})
-    if getattr(args, "seed", None) is not None and "seed" in {f for f in config_cls.__dataclass_fields__}:
+    if getattr(args, "seed", None) is not None and "seed" in {f for f in cast(Any, config_cls).__dataclass_fields__}:
         over["seed"] = args.seed
     return load_config(config_cls, args.config, over)
 

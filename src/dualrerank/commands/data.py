@@ -110,6 +110,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     def load() -> dict[str, Any]:
         if args.fold is not None:
+            assert cfg.path is not None  # --fold: letor only, which requires --path (checked above)
             splits = load_letor_folds(cfg.path, args.fold, cfg.letor)
             return {
                 "source": cfg.source,

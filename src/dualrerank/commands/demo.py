@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from dualrerank.commands._common import add_config_args
 
@@ -39,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from dualrerank.demo import demo_config, run_demo
     from dualrerank.errors import ConfigError
 
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if args.config is not None:
         from dualrerank.config import load_config
         from dualrerank.demo import DemoConfig

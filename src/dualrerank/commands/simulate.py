@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 from dualrerank.commands._common import add_config_args, print_json
 from dualrerank.config import load_config
@@ -62,7 +63,8 @@ def build_summary(world: World, logs, config_path: Path | None, progress: bool) 
         "duration_source": world.catalogue.duration_source,
         "policies": list(POLICIES),
         **scores,
-        "calibration": calibration_checks(scores),
+        # the utilities are finite (None only for NaN) on a working world
+        "calibration": calibration_checks(cast(dict[str, dict[str, float]], scores)),
         "logs": {
             "mean_clicks_per_page": round(float(fb.click.sum(-1).double().mean()) / scale["click"], 6),
             "mean_long_views_per_page": round(float(fb.long_view.sum(-1).double().mean()) / scale["long_view"], 6),

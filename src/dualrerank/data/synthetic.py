@@ -30,6 +30,7 @@ import json
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import yaml
@@ -235,7 +236,7 @@ def save_logs(logs: SyntheticLogs, directory: str | Path) -> list[str]:
         "format": LOG_FORMAT,
         "num_requests": b.batch_size,
         "num_candidates": b.num_candidates,
-        "page_length": int(b.logged_page.shape[1]),
+        "page_length": int(cast(torch.Tensor, b.logged_page).shape[1]),  # simulated logs always have pages
         "seed": logs.seed,
         "world_seed": logs.world.seed,
         "world_step": logs.world.step,
@@ -299,7 +300,7 @@ def load_logs(
     if unknown:
         raise DataError(f"logs: {d / 'logs.safetensors'} has unknown tensors {unknown}")
     batch = RerankBatch(
-        **tensors,
+        **cast(dict[str, Any], tensors),
         label_names=tuple(meta.get("label_names", ())),
         feedback_names=tuple(meta.get("feedback_names", ())),
     ).validate()

@@ -41,7 +41,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import catboost
 import lightgbm as lgb
@@ -114,6 +114,10 @@ def _check_dims(batch: RerankBatch, candidate_dim: int, context_dim: int, who: s
 class _ScoreAndSort:
     """`rerank` for models that define `scores(batch) -> [B, n]`."""
 
+    if TYPE_CHECKING:  # defined by every subclass
+
+        def scores(self, batch: RerankBatch) -> torch.Tensor: ...
+
     def rerank(self, batch: RerankBatch, k: int) -> torch.Tensor:
         """`[B, k]` top-k candidates by score (ties: lower index first)."""
         if isinstance(self, nn.Module):
@@ -174,6 +178,12 @@ class DNNConfig:
 
 class PointwiseDNN(_ListwiseTrained, nn.Module):
     """`scores = MLP([x, c, x * W c])` per candidate, with stored feature normalisation."""
+
+    # buffers (register_buffer), declared for the type checker
+    cand_mean: torch.Tensor
+    cand_std: torch.Tensor
+    ctx_mean: torch.Tensor
+    ctx_std: torch.Tensor
 
     def __init__(self, config: DNNConfig) -> None:
         super().__init__()
@@ -274,6 +284,7 @@ class _TreeRanker(_ScoreAndSort, ABC):
 
     name: str
     model_file: str
+    config: LambdaMARTConfig | CatBoostConfig  # set by the subclass's __init__
 
     def _features(self, batch: RerankBatch, rows: torch.Tensor) -> np.ndarray:
         """`[rows.sum(), d + c]` features of the selected candidates, request by request."""
@@ -370,6 +381,7 @@ class LambdaMART(_TreeRanker):
 
     name = "lambdamart"
     model_file = MODEL_FILE
+    config: LambdaMARTConfig
 
     def __init__(self, config: LambdaMARTConfig) -> None:
         if config.n_estimators < 1 or config.num_leaves < 2 or config.learning_rate <= 0 or config.eval_at < 1:
@@ -407,10 +419,11 @@ class LambdaMART(_TreeRanker):
             "verbose": -1,
         }
         train_set = lgb.Dataset(X, y, group=g, params={"verbose": -1})
-        valid_sets, record = [], {}
+        valid_sets: list[lgb.Dataset] = []
+        record: dict[str, Any] = {}
         callbacks = [lambda env: bar.update(1)]
         if val is not None:
-            valid_sets = [lgb.Dataset(*val[:2], group=val[2], reference=train_set, params={"verbose": -1})]
+            valid_sets = [lgb.Dataset(val[0], val[1], group=val[2], reference=train_set, params={"verbose": -1})]
             callbacks.append(lgb.record_evaluation(record))
             if cfg.early_stopping_rounds > 0:
                 callbacks.append(lgb.early_stopping(cfg.early_stopping_rounds, verbose=False))
@@ -433,7 +446,8 @@ class LambdaMART(_TreeRanker):
         return self.booster is not None
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
-        return self.booster.predict(X, num_threads=self.config.num_threads)
+        assert self.booster is not None  # callers check _fitted()
+        return cast(np.ndarray, self.booster.predict(X, num_threads=self.config.num_threads))
 
     def save(self, directory: str | Path) -> None:
         """Write LightGBM's model text file (best iteration) into `directory`."""
@@ -492,6 +506,7 @@ class CatBoostRank(_TreeRanker):
 
     name = "catboost"
     model_file = CATBOOST_FILE
+    config: CatBoostConfig
 
     def __init__(self, config: CatBoostConfig) -> None:
         if config.loss not in CATBOOST_LOSSES:
@@ -544,6 +559,7 @@ class CatBoostRank(_TreeRanker):
         return self.model is not None
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
+        assert self.model is not None  # callers check _fitted()
         return self.model.predict(X, thread_count=self.config.num_threads)
 
     def save(self, directory: str | Path) -> None:

@@ -34,6 +34,12 @@ class EncoderConfig:
 class CandidateEncoder(nn.Module):
     """`(candidates [B,n,d], context [B,c], mask [B,n]) -> T [B,n,d_model]`."""
 
+    # buffers (register_buffer), declared for the type checker
+    cand_mean: torch.Tensor
+    cand_std: torch.Tensor
+    ctx_mean: torch.Tensor
+    ctx_std: torch.Tensor
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         if config.candidate_dim < 1:

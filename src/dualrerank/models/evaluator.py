@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -141,7 +142,7 @@ class ListEvaluator(nn.Module):
             raise DataError(f"context: width {batch.context_dim} != the evaluator's {enc.context_dim}")
         T = self.encoder(batch.candidates, batch.context, batch.candidate_mask)
         # Keys/values are projected once per request, then shared by its G pages / W beams.
-        memory = [tuple(x.repeat_interleave(repeat, 0) for x in b.cross_attn.project_kv(T)) for b in self.blocks]
+        memory = [tuple(x.repeat_interleave(repeat, 0) for x in cast(Block, b).project_memory(T)) for b in self.blocks]
         mem_allowed = batch.candidate_mask.repeat_interleave(repeat, 0).unsqueeze(1)
         return T.repeat_interleave(repeat, 0), memory, mem_allowed
 

@@ -67,6 +67,11 @@ class Block(nn.Module):
             nn.Linear(d_model, ffn_mult * d_model), nn.GELU(), nn.Linear(ffn_mult * d_model, d_model), nn.Dropout(dropout)
         )
 
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys/values of `memory` (blocks built with `cross=True`)."""
+        assert self.cross_attn is not None, "project_memory needs a cross-attention block"
+        return self.cross_attn.project_kv(memory)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -89,6 +94,7 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             if memory_kv is None:
                 raise ValueError("a cross-attention block needs memory_kv")
+            assert self.ln_cross is not None  # built together with cross_attn
             x = x + self.cross_attn(self.ln_cross(x), memory_kv, memory_allowed)
         x = x + self.ffn(self.ln_ffn(x))
         return x, (k, v)

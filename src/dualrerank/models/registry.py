@@ -43,7 +43,7 @@ class ModelSpec:
     objective_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         return _resolve(self.model)
 
     @property

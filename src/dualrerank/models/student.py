@@ -23,6 +23,7 @@ Shapes: B requests, n padded candidates, L page length, G pages per request, d =
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ class NARStudent(nn.Module):
         allowed = candidate_mask.unsqueeze(1)
         for block in self.blocks:
             # Positions see each other freely (non-causal): every position is real.
-            x, _ = block(x, None, block.cross_attn.project_kv(items), allowed)
+            x, _ = block(x, None, cast(Block, block).project_memory(items), allowed)
         z = torch.matmul(self.w_q(self.ln_out(x)), self.w_k(items).transpose(1, 2)) * self.scale
         return z.masked_fill(~allowed, float("-inf"))
 

@@ -22,6 +22,7 @@ Call `.eval()` before decoding: dropout would make decoding random.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -112,7 +113,7 @@ class ARTeacher(nn.Module):
 
     def _memory(self, batch: RerankBatch) -> _Memory:
         items = self.encode(batch)
-        cross_kv = [block.cross_attn.project_kv(items) for block in self.blocks]
+        cross_kv = [cast(Block, block).project_memory(items) for block in self.blocks]
         return _Memory(items, batch.candidate_mask, cross_kv, self.w_k(items).transpose(1, 2))
 
     def _check_batch(self, batch: RerankBatch, k: int | None = None) -> None:

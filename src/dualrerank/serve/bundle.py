@@ -107,5 +107,6 @@ def save_serving_bundle(
     if evaluator is not None:
         save_checkpoint(evaluator, root / EVALUATOR_DIR, "evaluator")
     if onnx:
-        export_student(student, root / ONNX_FILE, **({} if opset is None else {"opset": opset}))
+        opset_arg: dict[str, Any] = {} if opset is None else {"opset": opset}
+        export_student(student, root / ONNX_FILE, **opset_arg)
     return root

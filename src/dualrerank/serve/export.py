@@ -142,7 +142,7 @@ def export_student_bytes(student: NARStudent, opset: int = DEFAULT_OPSET, extra_
             torch.onnx.export(
                 graph,
                 _dummy_inputs(student),
-                buf,
+                buf,  # type: ignore[arg-type]  # torch.onnx.export takes a file-like object too; its annotation omits it
                 input_names=list(INPUT_NAMES),
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=_DYNAMIC_AXES,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ import torch
 from dualrerank.decoding import gumbel_max_pages, sequential_log_prob
 from dualrerank.errors import CheckpointError, ConfigError, DataError
 from dualrerank.schema import RerankBatch
+
+if TYPE_CHECKING:
+    from dualrerank.models.evaluator import ListEvaluator
 
 __all__ = [
     "EVALUATOR_DIR",
@@ -203,7 +206,7 @@ class ServingModel:
         context_dim: int,
         max_positions: int,
         model_version: str,
-        evaluator: torch.nn.Module | None = None,
+        evaluator: ListEvaluator | None = None,
         temperature: float = 1.0,
         include_greedy: bool = True,
     ) -> None:

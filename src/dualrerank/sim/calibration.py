@@ -32,7 +32,7 @@ def evaluate_policies(
     *,
     logging_pages: torch.Tensor | None = None,
     progress: bool = False,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | None]]:
     """Mean exact utility and normalized utility of every policy in `POLICIES`.
 
     Normalized utility is the ratio of sums `sum_b (U_b - R_b) / sum_b (O_b - R_b)` with

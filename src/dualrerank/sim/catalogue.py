@@ -120,6 +120,7 @@ def sample_durations(spec: str, num: int, g: torch.Generator) -> tuple[torch.Ten
     if kind == "lognormal":
         ln = LOG_DURATION_STD * torch.randn(num, generator=g, dtype=torch.float64)
         return (MEDIAN_DURATION_S * torch.exp(ln)).float(), "lognormal"
+    assert path is not None  # duration_spec: only "kuairand:PATH" is left, with its path
     file = Path(path)
     file = file / KUAIRAND_CSV if file.is_dir() else file
     if not file.is_file():

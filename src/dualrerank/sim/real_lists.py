@@ -20,6 +20,7 @@ The world's own user model (`World.expected_utility`, `sample_feedback`, `oracle
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from dualrerank.errors import ConfigError, DataError
 from dualrerank.schema import RerankBatch
 from dualrerank.sim.catalogue import seeded
 from dualrerank.sim.state import WorldState
+
+if TYPE_CHECKING:
+    from dualrerank.sim.world import World
 
 __all__ = ["RealListConfig", "real_list_state"]
 
@@ -61,7 +65,7 @@ def _standardise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(var > 1e-12, (x - mean) / var.clamp_min(1e-12).sqrt(), torch.zeros(())) * w
 
 
-def real_list_state(batch: RerankBatch, world: World, seed: int = 0, config: RealListConfig | None = None) -> WorldState:  # noqa: F821
+def real_list_state(batch: RerankBatch, world: World, seed: int = 0, config: RealListConfig | None = None) -> WorldState:
     """Hidden state for the graded lists of `batch` in `world` (B requests, n padded docs).
 
     Args:

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -235,7 +235,7 @@ def _trained_world(checkpoint: Path) -> tuple[str | None, int] | None:
         if checkpoint.name == "checkpoint" and isinstance(data, dict):
             return (data.get("path"), data.get("seed", 0)) if data.get("source", "synthetic") == "synthetic" else None
         if "world_seed" in loaded:
-            return loaded.get("world"), loaded.get("world_seed")
+            return cast(tuple[str | None, int], (loaded.get("world"), loaded.get("world_seed")))
     return None
 
 
@@ -337,7 +337,8 @@ def _cat_batches(batches: Sequence[RerankBatch]) -> RerankBatch:
     first = batches[0]
     if len(batches) == 1:
         return first
-    return replace(first, **{k: torch.cat([getattr(b, k) for b in batches]) for k in first._tensor_fields()})
+    cat: dict[str, Any] = {k: torch.cat([getattr(b, k) for b in batches]) for k in first._tensor_fields()}
+    return replace(first, **cat)
 
 
 def _draw(world: World, cfg: ABConfig, first: int, stop: int) -> tuple[WorldState, RerankBatch]:
@@ -581,17 +582,23 @@ def _bootstrap(
         rt, rc = mt[0] / mt[1], mc[0] / mc[1]
         return np.stack([rt - rc, rt / rc - 1])
 
+    data: tuple[np.ndarray, ...]
+    statistic: Callable[..., np.ndarray]
     if paired:
         data = (np.stack([t[0], t[1], c[0], c[1]]),)
 
-        def statistic(x: np.ndarray, axis: int = -1) -> np.ndarray:
+        def paired_statistic(x: np.ndarray, axis: int = -1) -> np.ndarray:
             m = x.mean(axis=axis)
             return both(m[:2], m[2:])
+
+        statistic = paired_statistic
     else:
         data = (np.stack(t), np.stack(c))
 
-        def statistic(xt: np.ndarray, xc: np.ndarray, axis: int = -1) -> np.ndarray:
+        def split_statistic(xt: np.ndarray, xc: np.ndarray, axis: int = -1) -> np.ndarray:
             return both(xt.mean(axis=axis), xc.mean(axis=axis))
+
+        statistic = split_statistic
 
     gen = np.random.default_rng(seed)
     # scipy >= 1.15 names the generator `rng`; older versions `random_state`.

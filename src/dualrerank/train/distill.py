@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from dualrerank.train.runstate import PhaseClock, prepare_run_dir
 from dualrerank.train.splits import SplitConfig, Splits, load_splits
 from dualrerank.train.supervised import build_for_data, validation_score
 from dualrerank.train.targets import logged_targets
+
+if TYPE_CHECKING:
+    from dualrerank.models.teacher import ARTeacher
 
 __all__ = [
     "DistillConfig",
@@ -145,7 +148,7 @@ def _q_tau(cfg: DistillConfig) -> float:
 
 
 # ---------------------------------------------------------------------------- teacher
-def load_teacher(teacher_dir: Path, train: RerankBatch, L: int) -> nn.Module:
+def load_teacher(teacher_dir: Path, train: RerankBatch, L: int) -> ARTeacher:
     """The frozen AR teacher saved in `teacher_dir` (a checkpoint, or a run directory
     holding `checkpoint/`), checked against the data's feature widths and page length."""
     d = Path(teacher_dir)
@@ -167,7 +170,7 @@ def load_teacher(teacher_dir: Path, train: RerankBatch, L: int) -> nn.Module:
 
 
 def teacher_paths(
-    teacher: nn.Module | None,
+    teacher: ARTeacher | None,
     batch: RerankBatch,
     L: int,
     kind: str,
@@ -191,7 +194,7 @@ def teacher_paths(
 
 @torch.no_grad()
 def teacher_step_probs(
-    teacher: nn.Module, batch: RerankBatch, path: torch.Tensor, path_mask: torch.Tensor, tau: float
+    teacher: ARTeacher, batch: RerankBatch, path: torch.Tensor, path_mask: torch.Tensor, tau: float
 ) -> torch.Tensor:
     """`q [B, L, n]` along `path`: the teacher's `softmax(s_t / tau)` over the free valid
     candidates; 0 on padding and the prefix, all-zero rows at False `path_mask`."""
@@ -275,13 +278,14 @@ def _student_logits(model: nn.Module, batch: RerankBatch, L: int) -> torch.Tenso
     return model(batch.candidates, batch.context, batch.candidate_mask, L)
 
 
-def distill_objective(cfg: DistillConfig, teacher: nn.Module | None, L: int) -> Objective:
+def distill_objective(cfg: DistillConfig, teacher: ARTeacher | None, L: int) -> Objective:
     """`fit` objective: SKD along precomputed paths (extras `path`, `path_mask`, `q`) or
     along fresh teacher samples per minibatch, plus the optional supervised term."""
 
     def objective(model: nn.Module, batch: RerankBatch, extras: Extras, gen: torch.Generator):
         if cfg.paths == "teacher_sample":
             path, pmask = teacher_paths(teacher, batch, L, "teacher_sample", gen, cfg.sample_temperature)
+            assert teacher is not None  # teacher_paths raised without one
             q = teacher_step_probs(teacher, batch, path, pmask, _q_tau(cfg)) if cfg.soft else None
         else:
             path, pmask, q = extras["path"], extras["path_mask"], extras.get("q")
@@ -298,7 +302,7 @@ def distill_objective(cfg: DistillConfig, teacher: nn.Module | None, L: int) -> 
     return objective
 
 
-def distill_extras(cfg: DistillConfig, teacher: nn.Module | None, train: RerankBatch, L: int) -> Extras:
+def distill_extras(cfg: DistillConfig, teacher: ARTeacher | None, train: RerankBatch, L: int) -> Extras:
     """Per-request tensors computed once before training (teacher paths and q, logged targets)."""
     extras: Extras = {}
     if cfg.paths != "teacher_sample":
@@ -331,7 +335,7 @@ class TeacherReference:
 
 
 @torch.no_grad()
-def teacher_reference(teacher: nn.Module, batch: RerankBatch, L: int) -> TeacherReference:
+def teacher_reference(teacher: ARTeacher, batch: RerankBatch, L: int) -> TeacherReference:
     """Greedy pages and q_t of `teacher` on `batch` (see `TeacherReference`)."""
     eff = batch.num_valid.clamp(max=L)
     groups, pages, probs = [], [], []
@@ -381,7 +385,7 @@ def agreement_figures(student: Any, teacher: Any, batch: RerankBatch, L: int) ->
 
 
 # ---------------------------------------------------------------------------- training
-def _validator(splits: Splits, teacher: nn.Module, L: int, select_by: str) -> Callable[[nn.Module], dict[str, float]]:
+def _validator(splits: Splits, teacher: ARTeacher, L: int, select_by: str) -> Callable[[nn.Module], dict[str, float]]:
     ref = teacher_reference(teacher, splits.valid.batch, L)
 
     def validate(model: nn.Module) -> dict[str, float]:

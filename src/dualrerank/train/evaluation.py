@@ -165,6 +165,7 @@ def click_scorer(model: Any) -> ClickScoreFn | None:
 
         def evaluator_scores(batch: RerankBatch) -> torch.Tensor:
             # Absent positions may hold any index; clamped, they are only ever masked out.
+            assert batch.logged_page is not None  # scored on splits with logged pages only
             page = batch.logged_page.long().clamp(0, batch.num_candidates - 1)
             pmask = batch.logged_page_mask if batch.logged_page_mask is not None else torch.ones_like(page, dtype=torch.bool)
             keep = min(page.shape[1], model.config.max_positions)
@@ -180,6 +181,7 @@ def click_scorer(model: Any) -> ClickScoreFn | None:
         return None
 
     def item_scores(batch: RerankBatch) -> torch.Tensor:
+        assert batch.logged_page is not None  # scored on splits with logged pages only
         index = batch.logged_page.long().clamp(0, batch.num_candidates - 1)
         if isinstance(model, torch.nn.Module):
             with eval_mode(model):

@@ -14,6 +14,7 @@ pages and weights, pairwise labels). Models that define their own supervised los
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -102,5 +103,5 @@ def generator_objective(cfg: GeneratorObjectiveConfig, step_logits_of) -> Object
 
 def own_loss_objective(model: nn.Module, batch: RerankBatch, extras: Extras, gen: torch.Generator):
     """For models that define `loss(batch)` (evaluator, DNN, PRM)."""
-    loss = model.loss(batch)
+    loss = cast(Any, model).loss(batch)  # nn.Module does not declare `loss`; these models define it
     return loss, {}

@@ -42,10 +42,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from dualrerank.config import dump_config, option
@@ -64,6 +63,11 @@ from dualrerank.train.objectives import GeneratorObjectiveConfig, generator_extr
 from dualrerank.train.runstate import MetricsLog, load_snapshot, optimizer_step, prepare_run_dir, save_snapshot
 from dualrerank.train.supervised import step_logits_fn
 from dualrerank.train.targets import logged_targets
+
+if TYPE_CHECKING:
+    from dualrerank.models.evaluator import ListEvaluator
+    from dualrerank.models.student import NARStudent
+    from dualrerank.models.teacher import ARTeacher
 
 __all__ = ["OnlineConfig", "MethodPreset", "METHODS", "RewardScale", "OnlineState", "online_step", "run_online", "bootstrap"]
 
@@ -222,10 +226,10 @@ def _centred_scale(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class OnlineState:
     """Everything a step changes, and what a snapshot saves."""
 
-    student: nn.Module
-    teacher: nn.Module
-    evaluator: nn.Module
-    reference: nn.Module
+    student: NARStudent
+    teacher: ARTeacher
+    evaluator: ListEvaluator
+    reference: NARStudent
     student_opt: torch.optim.Optimizer
     teacher_opt: torch.optim.Optimizer | None
     evaluator_opt: torch.optim.Optimizer | None
@@ -243,7 +247,7 @@ def _weights_at(cfg: OnlineConfig, step: int) -> RewardWeights:
     return w
 
 
-def reward_system(cfg: OnlineConfig, evaluator: nn.Module, watch_per_long_view: RewardScale | None = None) -> RewardSystem:
+def reward_system(cfg: OnlineConfig, evaluator: ListEvaluator, watch_per_long_view: RewardScale | None = None) -> RewardSystem:
     """The default rules: posterior click and long view (the evaluator's prediction where
     not shown) and watch time; under `exposure: all` also reformulation; the duplicate-item
     prior when its weight is non-zero.
@@ -273,7 +277,7 @@ def reward_system(cfg: OnlineConfig, evaluator: nn.Module, watch_per_long_view: 
     return RewardSystem(rules)
 
 
-def _once(evaluator: nn.Module) -> Any:
+def _once(evaluator: ListEvaluator) -> Any:
     """The evaluator's per-position probabilities `[B, G, L, 2]` of a (batch, pages) pair,
     computed on the first call and reused for the same pair (three rules ask for them)."""
     memo: dict[str, Any] = {}
@@ -322,7 +326,7 @@ def evaluate_online(state: OnlineState, world_t: World, cfg: OnlineConfig) -> di
     return {
         "eval/normalized_utility": nu(spage),
         "eval/teacher_normalized_utility": nu(tpage),
-        "eval/ptar": float(ptar(spage, tpage)["ptar"].mean()),
+        "eval/ptar": float(cast(torch.Tensor, ptar(spage, tpage)["ptar"]).mean()),  # the per-request tensor
         "eval/collapse_rate": float(collapse_rate(z, batch.candidate_mask).mean()),
     }
 
@@ -524,7 +528,7 @@ def _exposures(batch: RerankBatch, shown_pages: torch.Tensor, feedback: PageFeed
 # --------------------------------------------------------------------------- the run
 
 
-def _parts_from(from_dir: Path) -> tuple[nn.Module, nn.Module, nn.Module, str]:
+def _parts_from(from_dir: Path) -> tuple[NARStudent, ARTeacher, ListEvaluator, str]:
     """Student, teacher and evaluator of a distillation run (its teacher's run holds the
     evaluator in `evaluator/`)."""
     import json

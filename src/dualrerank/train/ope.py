@@ -70,7 +70,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -504,18 +504,23 @@ def _terms_of(name: str, x: OpeInputs) -> tuple[Terms | None, torch.Tensor | Non
     if name in ("cascade_dr", "cascade_sndr") and x.prefix_weight is None:
         return None, None, x.prefix_reason
     if name == "pi":
+        assert x.position_weight is not None  # checked above
         return position_ips(x.reward, x.position_weight), x.position_weight, None
     if not model:
         return None, None, x.model_reason
+    assert x.value is not None and x.predicted is not None  # model
     if name == "dm":
         return direct(x.value), None, None
     if name == "dr":
         return doubly_robust(x.value, x.reward, x.predicted, x.page_weight.unsqueeze(1)), x.page_weight, None
     if name == "pi_dr":
+        assert x.position_weight is not None  # checked above
         return doubly_robust(x.value, x.reward, x.predicted, x.position_weight), x.position_weight, None
     if name == "cascade_dr":
+        assert x.prefix_weight is not None  # checked above
         return doubly_robust(x.value, x.reward, x.predicted, x.prefix_weight), x.prefix_weight, None
     if name == "cascade_sndr":
+        assert x.prefix_weight is not None  # checked above
         return self_normalised_dr(x.value, x.reward, x.predicted, x.prefix_weight), x.prefix_weight, None
     raise ConfigError(f"estimators: unknown estimator {name!r}; choose among {list(ESTIMATORS)}")
 
@@ -590,7 +595,7 @@ def _policy(path: Path) -> tuple[Any, str]:
     return model, read_checkpoint_info(directory)["model"]
 
 
-def _evaluator_dir(policy: Path, given: Path | None) -> Path | None:
+def _evaluator_dir(policy: Path, given: str | Path | None) -> Path | None:
     """--evaluator, else the policy run's own evaluator/ (beside checkpoint/ or in the run)."""
     if given is not None:
         return Path(given)
@@ -670,9 +675,10 @@ def _check_logs(batch: RerankBatch, source: str) -> int:
             "page's probability under the logging policy (RerankBatch.propensity) with the page and its "
             "feedback (docs/evaluation.md)"
         )
-    if not bool(batch.logged_page_mask.all()):
+    # every loader sets logged_page_mask with logged_page; a hand-built batch without one fails here as before
+    if not bool(cast(torch.Tensor, batch.logged_page_mask).all()):
         raise DataError("logged_page_mask: some logged pages are shorter than others; ope compares whole pages of one length L")
-    return int(batch.logged_page.shape[1])
+    return int(cast(torch.Tensor, batch.logged_page).shape[1])  # not None: checked above
 
 
 def _reward(batch: RerankBatch, weights: torch.Tensor) -> torch.Tensor:
@@ -713,6 +719,7 @@ def _logging_policy(world: Any, batch: RerankBatch) -> tuple[LoggingPolicy | Non
     if world is None:
         return None, "the logs' logging policy is unknown (only the simulated world's can be rebuilt)"
     policy = LoggingPolicy.of_world(world, batch)
+    assert batch.logged_page is not None and batch.propensity is not None  # _check_logs
     again = policy.page_prob(batch.logged_page.long())
     logged = batch.propensity.to(_F)
     floor = torch.finfo(torch.float32).tiny
@@ -773,6 +780,7 @@ def run_ope(
     B = batch.batch_size
     weights = torch.tensor([cfg.click_weight, cfg.long_view_weight], dtype=_F)
     pages = _rerank(model, batch, L, cfg.chunk_size, progress)
+    assert batch.logged_page is not None and batch.propensity is not None  # _check_logs
     logged = batch.logged_page.long()
     reward = _reward(batch, weights)
 

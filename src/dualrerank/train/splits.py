@@ -168,6 +168,7 @@ def _parquet(cfg: SplitConfig) -> Splits:
         raise ConfigError("data.path: the parquet source needs a request log (a .parquet file or a folder of them)")
     batch = load_parquet(Path(cfg.path))
     # Every row has a request id (the format requires one), so the split is the id's alone.
+    assert batch.request_ids is not None  # load_parquet refuses rows without an id
     train, valid, test = hash_split(batch.request_ids, cfg.valid_share, cfg.test_share)
     for name, idx in (("train", train), ("valid", valid), ("test", test)):
         if idx.numel() == 0:

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from dualrerank.models.checkpoint import load_checkpoint, save_checkpoint
 from dualrerank.models.registry import config_from_dict, get_spec, set_data_dims
 from dualrerank.schema import RerankBatch
 from dualrerank.train.evaluation import EvalSplit, evaluate
-from dualrerank.train.loop import OptimConfig, fit, phase_finished
+from dualrerank.train.loop import Objective, OptimConfig, fit, phase_finished
 from dualrerank.train.objectives import (
     GeneratorObjectiveConfig,
     generator_extras,
@@ -96,7 +96,7 @@ def get_spec_kind(model: Any) -> str:
 
 def step_logits_fn(kind: str) -> Callable[[nn.Module, RerankBatch, torch.Tensor, torch.Tensor], torch.Tensor]:
     def ar(model: nn.Module, batch: RerankBatch, target: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
-        return model.step_logits(batch, target, tmask)
+        return cast(Any, model).step_logits(batch, target, tmask)  # nn.Module does not declare it; the teacher defines it
 
     def nar(model: nn.Module, batch: RerankBatch, target: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
         z = model(batch.candidates, batch.context, batch.candidate_mask, target.shape[1])
@@ -207,7 +207,7 @@ def train_model(
         save_checkpoint(model, run_dir / "checkpoint", cfg.model, extra={})
     else:
         extras: dict[str, torch.Tensor] = {}
-        objective = own_loss_objective
+        objective: Objective = own_loss_objective
         if spec.kind in ("ar", "nar"):
             if objective_cfg.target == "evaluator":
                 with clock("evaluator"):

@@ -42,6 +42,7 @@ def logged_targets(batch: RerankBatch, length: int, reward_weighted: bool = True
     """Target pages of at most `length` positions from logs or graded labels (see module doc)."""
     if has_page_gain(batch):
         page = batch.logged_page
+        assert page is not None  # has_page_gain
         gain, pmask = page_gain(batch)
         # Stable descending sort on gain; absent positions sink below every real one.
         key = torch.where(pmask, gain, torch.full_like(gain, -1.0))
