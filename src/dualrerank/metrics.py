@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -856,7 +856,7 @@ def ptar(
     exact = torch.where(torch.isnan(full), math.nan, (full == 1.0).to(_F))
     out: dict[str, torch.Tensor | float] = {"ptar": full, f"ptar@{k}": share(head), "exact_page": exact, "agree": agree}
     for name in ("ptar", f"ptar@{k}", "exact_page"):
-        out[f"{name}_mean"] = batch_mean(out[name])  # type: ignore[arg-type]
+        out[f"{name}_mean"] = batch_mean(cast(torch.Tensor, out[name]))  # these three are the [B] tensors
     return out
 
 
@@ -1253,7 +1253,7 @@ def agreement_per_request(
         name -> `[B]` float64 (NaN where a request has no existing position).
     """
     agree = ptar(student_page, teacher_page, page_mask, k=k)
-    out: dict[str, torch.Tensor] = {name: agree[name] for name in ("ptar", f"ptar@{k}", "exact_page")}  # type: ignore[misc]
+    out: dict[str, torch.Tensor] = {name: cast(torch.Tensor, agree[name]) for name in ("ptar", f"ptar@{k}", "exact_page")}
     B, L = student_page.shape
     pm = _mask("page_mask", page_mask, (B, L), student_page.device)
     if teacher_probs is not None:

@@ -474,7 +474,7 @@ def create_app(model: ServingModel, config: ServeConfig | None = None) -> FastAP
             document.update(_openapi_document(app, model, config))
         return document
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to replace the schema
     app.add_middleware(_RequestGuardMiddleware, max_bytes=config.max_body_bytes, metrics=metrics, json_paths=("/v1/rerank",))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
