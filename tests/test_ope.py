@@ -283,3 +283,13 @@ def test_logs_without_propensities_are_one_line(tiny, tmp_path):
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "propensity" in err and source in err
         assert not (tmp_path / f"out_{source}").exists()  # refused before anything is written
+
+
+def test_logs_without_a_page_mask_count_every_position():
+    import dataclasses
+
+    from dualrerank.sim import World
+    from dualrerank.train.ope import _check_logs
+
+    batch = simulate_logs(World(), 20, seed=3, page_length=4).batch
+    assert _check_logs(dataclasses.replace(batch, logged_page_mask=None), "synthetic") == 4

@@ -675,8 +675,8 @@ def _check_logs(batch: RerankBatch, source: str) -> int:
             "page's probability under the logging policy (RerankBatch.propensity) with the page and its "
             "feedback (docs/evaluation.md)"
         )
-    # every loader sets logged_page_mask with logged_page; a hand-built batch without one fails here as before
-    if not bool(cast(torch.Tensor, batch.logged_page_mask).all()):
+    # No mask means every logged position exists (the schema's convention).
+    if batch.logged_page_mask is not None and not bool(batch.logged_page_mask.all()):
         raise DataError("logged_page_mask: some logged pages are shorter than others; ope compares whole pages of one length L")
     return int(cast(torch.Tensor, batch.logged_page).shape[1])  # not None: checked above
 
