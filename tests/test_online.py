@@ -210,3 +210,24 @@ def test_online_without_from_trains_its_parts_first(tmp_path, monkeypatch):
     online.bootstrap(_cfg(page_length=4), tmp_path / "boot", progress=False)  # reused, not retrained
     assert (student / "eval.json").stat().st_mtime == mtime
     run_online(_cfg(steps=2), tmp_path / "run", student, progress=False)
+
+
+def test_lr_warmup_scales_every_learning_rate_by_step(parts, tmp_path):
+    from dualrerank.train import online
+
+    cfg = _cfg(lr_warmup_steps=4, lr=1e-3, teacher_lr=2e-4, evaluator_lr=3e-4)
+    seen = []
+    real = online._warm_up
+
+    def spy(state, c):
+        real(state, c)
+        seen.append((state.step, state.student_opt.param_groups[0]["lr"], state.teacher_opt.param_groups[0]["lr"]))
+
+    online._warm_up = spy
+    try:
+        run_online(cfg, tmp_path / "run", parts, progress=False)
+    finally:
+        online._warm_up = real
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    assert [round(lr, 8) for _, lr, _ in seen] == [2.5e-4, 5e-4, 7.5e-4]
+    assert [round(t, 8) for _, _, t in seen] == [5e-5, 1e-4, 1.5e-4]
