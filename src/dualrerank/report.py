@@ -276,7 +276,8 @@ def plot_curves(
     names = list(series)
     ncols = min(3, len(present))
     nrows = math.ceil(len(present) / ncols)
-    fig = _new_figure(4.3 * ncols, 3.1 * nrows + 0.6)
+    # A lone subplot still gets room for a long title and a legend of several series.
+    fig = _new_figure(max(7.0, 4.3 * ncols), 3.1 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     handles: dict[str, Any] = {}
     for ax, key in zip(axes, present, strict=False):  # the grid may have more cells than panels
