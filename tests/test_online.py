@@ -144,6 +144,8 @@ def test_curve_figures_by_hand():
     steps = [10, 20, 30, 40, 50, 60]
     nu = [0.1, 0.3, 0.5, 0.5, 0.2, 0.48]
     fig = curve_figures(steps, nu, shifts=[45.0], window=2)
+    # An evaluation at x = 40 saw step index 39, before a shift at 40: it is not "after".
+    assert curve_figures(steps, nu, shifts=[40.0], window=2)["recovery_steps"] == [20.0]
     assert fig["final_normalized_utility"] == pytest.approx(0.34)
     assert fig["auc_normalized_utility"] == pytest.approx(sum(nu) / 6)
     # 90% of the way from 0.1 to 0.34 is 0.316: first reached at step 30.

@@ -12,7 +12,9 @@ the evaluation points (`eval/normalized_utility` every `eval_every` steps):
 - `steps_to_90pct`: first evaluated step at which the curve has covered 90% of its way from
   its first evaluation to its final level (null when it never does or does not rise);
 - `recovery_steps`: per shift, steps after the shift until the curve is back to 90% of its
-  level just before the shift (mean of the last two evaluations before it; null: never).
+  level just before the shift (mean of the last two evaluations before it; null: never;
+  the first evaluation after the shift counts as recovered when the shift cost less than
+  10%).
 
 [ours] Streams named in issue 10: `0` no shift; `A` watch time reported in ms instead of s
 (weights unchanged), later a preference rotation; `B` the team raises one dimension's
@@ -79,8 +81,10 @@ def curve_figures(steps: list[int], values: list[float], shifts: list[float], wi
         to90 = next((x for x, y in pts if y >= goal), None)
     recovery: list[float | None] = []
     for shift in shifts:
-        before = [y for x, y in pts if x < shift][-2:]
-        after = [(x, y) for x, y in pts if x >= shift]
+        # An evaluation at x = step index + 1 saw the world of that step: x <= shift is the
+        # world before the shift (the shift applies from step index `shift`).
+        before = [y for x, y in pts if x <= shift][-2:]
+        after = [(x, y) for x, y in pts if x > shift]
         if not before or not after:
             recovery.append(None)
             continue
