@@ -233,3 +233,12 @@ def test_lr_warmup_scales_every_learning_rate_by_step(parts, tmp_path):
     assert [s for s, _, _ in seen] == [0, 1, 2]
     assert [round(lr, 8) for _, lr, _ in seen] == [2.5e-4, 5e-4, 7.5e-4]
     assert [round(t, 8) for _, _, t in seen] == [5e-5, 1e-4, 1.5e-4]
+
+
+def test_bad_from_writes_nothing(tmp_path, capsys):
+    for argv in (["online", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"), "--quiet"],
+                 ["experiment", "online", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "does not exist" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -622,10 +622,11 @@ def run_online(
     from dualrerank.config import load_config
 
     out = Path(out)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite, reads=[from_dir])
-    dump_config(cfg, out / "config.yaml")
+    # Everything the run reads is checked before anything is written into `out`.
     world = World(load_config(WorldConfig, cfg.world) if cfg.world else WorldConfig(), seed=cfg.world_seed)
     student, teacher, evaluator, teacher_name = _parts_from(Path(from_dir))
+    prepare_run_dir(out, resume=resume, overwrite=overwrite, reads=[from_dir])
+    dump_config(cfg, out / "config.yaml")
     for m in (student, teacher, evaluator):
         m.eval()
     reference = copy.deepcopy(student).requires_grad_(False)

@@ -124,6 +124,9 @@ def run_online_experiment(
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"methods: unknown {unknown}; known: {sorted(METHODS)}")
+    from dualrerank.train.online import _parts_from
+
+    _parts_from(Path(from_dir))  # a bad --from is one line before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
