@@ -13,7 +13,9 @@ from dualrerank.config import describe_config, load_config
 T = TypeVar("T")
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls: type | None = None, seed: int | None = 0) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, config_cls: type | None = None, seed: int | None = 0, seed_help: str | None = None
+) -> None:
     """Add --config and --seed (the run's seed; `seed=None` for a command without one);
     with `config_cls`, list its keys in the parser's epilog."""
     parser.add_argument(
@@ -24,7 +26,9 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type | None = N
         help="YAML file mapped onto the command's config (unknown keys are an error)",
     )
     if seed is not None:
-        parser.add_argument("--seed", type=int, default=None, help=f"the run's random seed (default: config's, else {seed})")
+        parser.add_argument(
+            "--seed", type=int, default=None, help=seed_help or f"the run's random seed (default: config's, else {seed})"
+        )
     if config_cls is not None:
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
         parser.epilog = "config keys (YAML):\n" + "\n".join("  " + line for line in describe_config(config_cls))

@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="draw logs from the simulated world; report oracle/pointwise/upstream/logging/random utility and calibration",
         description=__doc__.split("\n\n")[0],
     )
-    add_config_args(p, WorldConfig)
+    add_config_args(
+        p,
+        WorldConfig,
+        seed_help="seed of the requests, pages and feedback (default 0); the world itself is fixed by the config's `seed` key",
+    )
     p.add_argument(
         "--requests", type=int, default=DEFAULT_REQUESTS, metavar="N", help=f"number of requests (default {DEFAULT_REQUESTS})"
     )
